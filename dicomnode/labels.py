@@ -24,7 +24,7 @@ class Code:
 
 # Segmented property categories and types (SNOMED CT), used by the built-in segmenters.
 ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")
-ORGAN = Code("113343008", "SCT", "Organ")
+ORGAN = Code("91772007", "SCT", "Organ")  # DICOM CID 7151/7166; 113343008 is "Body organ structure"
 LEFT = Code("7771000", "SCT", "Left")
 RIGHT = Code("24028007", "SCT", "Right")
 

@@ -1,0 +1,1 @@
+"""Derived objects (SEG, Secondary Capture, SR) for the PACS; see build_outputs."""
