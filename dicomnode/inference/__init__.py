@@ -1,0 +1,51 @@
+"""Segmentation inference: the Segmenter protocol, classical and model-backed segmenters, the model runner.
+
+Typical use in a worker process (build once, segment many)::
+
+    cache = SegmenterCache(RunnerSettings(device="auto", batch_size=2))
+    labels = cache.get("lung-unet").segment(volume)   # LabelVolume on volume's grid: 1 right, 2 left lung
+
+See :mod:`dicomnode.inference.segmenter` for the kinds, :mod:`dicomnode.inference.runner` for device, sliding
+window, mixed precision and out-of-memory handling, :mod:`dicomnode.inference.spec` for preprocessing.
+"""
+
+from dicomnode.inference.loaders import LoadedModel, ModelLoadError, load_torchscript, load_unet
+from dicomnode.inference.runner import (
+    DeviceUnavailableError,
+    InferenceOutOfMemory,
+    ModelRunner,
+    RunnerSettings,
+    resolve_device,
+)
+from dicomnode.inference.segmenter import (
+    SEGMENTER_KINDS,
+    ClassicalSegmenter,
+    ModelSegmenter,
+    Segmenter,
+    SegmenterCache,
+    TorchScriptSegmenter,
+    UNetSegmenter,
+    build_segmenter,
+)
+from dicomnode.inference.spec import PreprocessSpec
+
+__all__ = [
+    "SEGMENTER_KINDS",
+    "ClassicalSegmenter",
+    "DeviceUnavailableError",
+    "InferenceOutOfMemory",
+    "LoadedModel",
+    "ModelLoadError",
+    "ModelRunner",
+    "ModelSegmenter",
+    "PreprocessSpec",
+    "RunnerSettings",
+    "Segmenter",
+    "SegmenterCache",
+    "TorchScriptSegmenter",
+    "UNetSegmenter",
+    "build_segmenter",
+    "load_torchscript",
+    "load_unet",
+    "resolve_device",
+]

@@ -1,0 +1,195 @@
+"""The Segmenter protocol, its classical and model-backed implementations, and a per-process cache.
+
+Every segmenter maps a :class:`~dicomnode.volume.Volume` (z, y, x) to a
+:class:`~dicomnode.labels.LabelVolume` on *exactly* the input's grid (same shape; the caller pairs it with
+the volume's affine), with label values and names from :mod:`dicomnode.labels` (lung: 1 = right lung,
+2 = left lung, 3 = airways; body: 1; brain: 1).
+
+- :class:`ClassicalSegmenter` wraps :mod:`dicomnode.masks` (no weights): ``lung``, ``body``, ``brain``.
+- :class:`ModelSegmenter` runs a network through :class:`~dicomnode.inference.runner.ModelRunner` with the
+  preprocessing spec saved beside the weights; :class:`UNetSegmenter` (state-dict checkpoint of
+  :class:`~dicomnode.inference.unet.UNet3D`, default: the shipped lung U-Net) and
+  :class:`TorchScriptSegmenter` (any TorchScript archive) are its two loaders.
+- :class:`SegmenterCache` builds each segmenter once per process (the model stays resident) and hands the
+  same instance to every job.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from dicomnode import labels as label_defs
+from dicomnode.errors import PipelineError
+from dicomnode.inference.loaders import LoadedModel, load_torchscript, load_unet
+from dicomnode.inference.runner import ModelRunner, RunnerSettings
+from dicomnode.inference.spec import PreprocessSpec, prepare, restore_labels
+from dicomnode.labels import LabelInfo, LabelVolume
+from dicomnode.volume import Volume
+
+CLASSICAL_VERSION = "1.0"
+_KNOWN_LABELS: dict[str, LabelInfo] = {
+    info.name: info
+    for info in (
+        label_defs.LUNG_RIGHT,
+        label_defs.LUNG_LEFT,
+        label_defs.AIRWAYS,
+        label_defs.BODY,
+        label_defs.BRAIN,
+    )
+}
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """Anything with a name, a version and ``segment(volume) -> LabelVolume`` on the volume's grid."""
+
+    name: str
+    version: str
+
+    def segment(self, volume: Volume) -> LabelVolume: ...
+
+
+class ClassicalSegmenter:
+    """A weight-free segmenter: a function of :mod:`dicomnode.masks`, named and versioned."""
+
+    def __init__(
+        self, name: str, function: Callable[[Volume], LabelVolume], version: str = CLASSICAL_VERSION
+    ):
+        self.name = name
+        self.version = version
+        self._function = function
+
+    def segment(self, volume: Volume) -> LabelVolume:
+        result = self._function(volume)
+        if result.data.shape != volume.shape:
+            raise PipelineError(f"{self.name}: labels {result.data.shape} do not match volume {volume.shape}")
+        return result
+
+    @classmethod
+    def lung(cls) -> ClassicalSegmenter:
+        """Right lung 1, left lung 2 (and airways 3 where found) by thresholding: CT only."""
+        from dicomnode.masks import lung_mask
+
+        return cls("dicomnode-lung-threshold", lung_mask)
+
+    @classmethod
+    def body(cls) -> ClassicalSegmenter:
+        from dicomnode.masks import body_mask
+
+        return cls("dicomnode-body-threshold", body_mask)
+
+    @classmethod
+    def brain(cls) -> ClassicalSegmenter:
+        from dicomnode.masks import brain_mask
+
+        return cls("dicomnode-brain-threshold", brain_mask)
+
+
+def label_infos(spec: PreprocessSpec) -> tuple[LabelInfo, ...]:
+    """The :mod:`dicomnode.labels` entries named by the spec; values must agree with the spec's."""
+    infos = []
+    for value, name in zip(spec.label_values, spec.label_names, strict=True):
+        info = _KNOWN_LABELS.get(name)
+        if info is None or info.value != value:
+            raise PipelineError(f"model label {value} {name!r} is not a known dicomnode label")
+        infos.append(info)
+    return tuple(infos)
+
+
+class ModelSegmenter:
+    """A network kept resident on its device; ``segment`` = prepare -> sliding window -> restore -> labels."""
+
+    def __init__(self, loaded: LoadedModel, settings: RunnerSettings | None = None) -> None:
+        self.name = loaded.name
+        self.version = loaded.version
+        self.spec = loaded.spec
+        self.metrics = loaded.metrics
+        self._labels = label_infos(loaded.spec)
+        self._lut = np.array([0, *loaded.spec.label_values], dtype=np.uint8)
+        self.runner = ModelRunner(loaded.module, loaded.spec.patch_size, settings, loaded.spec.pad_value)
+
+    def segment(self, volume: Volume) -> LabelVolume:
+        """Labels (z, y, x) uint8 on the volume's grid; values from the spec (e.g. 1 right, 2 left lung)."""
+        try:
+            image = prepare(volume, self.spec)
+        except ValueError as error:
+            raise PipelineError(f"{self.name}: {error}") from error
+        probs = self.runner.predict(image)
+        classes = restore_labels(probs, volume.shape)
+        return LabelVolume(
+            data=self._lut[classes],
+            labels=self._labels,
+            algorithm_name=self.name,
+            algorithm_version=self.version,
+        )
+
+
+class UNetSegmenter(ModelSegmenter):
+    """A :class:`~dicomnode.inference.unet.UNet3D` state-dict checkpoint (default: the shipped lung U-Net)."""
+
+    def __init__(self, path: Path | None = None, settings: RunnerSettings | None = None) -> None:
+        super().__init__(load_unet(path), settings)
+
+
+class TorchScriptSegmenter(ModelSegmenter):
+    """Any TorchScript archive with a preprocessing spec (embedded or sidecar JSON)."""
+
+    def __init__(self, path: Path, settings: RunnerSettings | None = None) -> None:
+        super().__init__(load_torchscript(path), settings)
+
+
+SEGMENTER_KINDS = ("lung", "body", "brain", "lung-unet", "unet", "torchscript")
+
+
+def build_segmenter(
+    kind: str, model_path: Path | None = None, settings: RunnerSettings | None = None
+) -> Segmenter:
+    """Build a segmenter by kind: ``lung``/``body``/``brain`` (classical), ``lung-unet`` (shipped weights),
+    ``unet`` (a checkpoint at ``model_path``), ``torchscript`` (an archive at ``model_path``)."""
+    if kind == "lung":
+        return ClassicalSegmenter.lung()
+    if kind == "body":
+        return ClassicalSegmenter.body()
+    if kind == "brain":
+        return ClassicalSegmenter.brain()
+    if kind == "lung-unet":
+        return UNetSegmenter(model_path, settings)
+    if kind in ("unet", "torchscript"):
+        if model_path is None:
+            raise PipelineError(f"segmenter kind {kind!r} needs a model path")
+        return (
+            UNetSegmenter(model_path, settings)
+            if kind == "unet"
+            else TorchScriptSegmenter(model_path, settings)
+        )
+    raise PipelineError(f"unknown segmenter kind {kind!r}; known: {', '.join(SEGMENTER_KINDS)}")
+
+
+class SegmenterCache:
+    """Builds each (kind, model path, settings) segmenter once and returns the same resident instance after.
+
+    Create one per worker process (not a global): the model is loaded and moved to the device on the first
+    request only. Thread-safe.
+    """
+
+    def __init__(self, settings: RunnerSettings | None = None) -> None:
+        self.settings = settings or RunnerSettings()
+        self._items: dict[tuple[str, str], Segmenter] = {}
+        self._lock = threading.Lock()
+
+    def get(self, kind: str, model_path: Path | None = None) -> Segmenter:
+        key = (kind, str(model_path) if model_path is not None else "")
+        with self._lock:
+            found = self._items.get(key)
+            if found is None:
+                found = build_segmenter(kind, model_path, self.settings)
+                self._items[key] = found
+            return found
+
+    def __len__(self) -> int:
+        return len(self._items)
