@@ -95,6 +95,9 @@ class CompletionConfig:
     """DICOM has no 'series complete' message: a series is complete after a quiet period."""
 
     quiet_seconds: float = 30.0
+    # Shorter quiet period once the association that delivered the series was released; None disables it
+    # (some modalities send every image over its own association).
+    after_release_seconds: float | None = None
     on_late_instance: LateInstancePolicy = LateInstancePolicy.REPROCESS
 
 
