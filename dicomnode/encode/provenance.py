@@ -67,19 +67,6 @@ def contributing_equipment(prov: Provenance) -> list[hd.ContributingEquipment]:
     return [item]
 
 
-def equipment_kwargs(prov: Provenance) -> dict[str, str]:
-    """General Equipment attributes of the output itself (Manufacturer etc.), as highdicom keyword args."""
-    kwargs = {
-        "manufacturer": MANUFACTURER,
-        "manufacturer_model_name": prov.pipeline[:64],
-        "software_versions": prov.software_version,
-        "device_serial_number": prov.device_serial_number[:64],
-    }
-    if prov.institution_name is not None:
-        kwargs["institution_name"] = prov.institution_name
-    return kwargs
-
-
 def seg_algorithm_identification(prov: Provenance) -> hd.AlgorithmIdentificationSequence:
     """Segmentation Algorithm Identification; family from CID 7162 "Segmentation Algorithm Families".
 

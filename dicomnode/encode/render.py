@@ -39,7 +39,8 @@ _CAPTION_PX = 26
 # (horizontal patient axis, vertical patient axis, vertical sign) for each plane normal (LPS index 0, 1, 2).
 # vertical sign +1: the vertical patient coordinate increases downwards (axial: P down); -1: head up.
 _PLANE_LAYOUT = {2: (0, 1, +1), 1: (0, 2, -1), 0: (1, 2, -1)}
-_EDGE_LETTERS = {2: ("R", "L", "A", "P"), 1: ("R", "L", "S", "I"), 0: ("A", "P", "S", "I")}  # left right top bottom
+# edge letters (left, right, top, bottom) per plane normal
+_EDGE_LETTERS = {2: ("R", "L", "A", "P"), 1: ("R", "L", "S", "I"), 0: ("A", "P", "S", "I")}
 PLANE_NAMES = {2: "Axial", 1: "Coronal", 0: "Sagittal"}
 
 
@@ -65,7 +66,7 @@ def window_u8(values: npt.NDArray[np.float32], window: tuple[float, float]) -> n
     center, width = window
     low = center - width / 2.0
     scaled = (values.astype(np.float32) - low) / max(width, 1e-6) * 255.0
-    return np.clip(scaled, 0, 255).astype(np.uint8)
+    return np.asarray(np.clip(scaled, 0, 255), dtype=np.uint8)
 
 
 def display_window(volume: Volume) -> tuple[float, float]:
@@ -212,7 +213,8 @@ def _axis_map(direction: npt.NDArray[np.float64]) -> tuple[list[int], list[int]]
 
 
 def canonical(array: npt.NDArray[np.generic], direction: npt.NDArray[np.float64],
-              spacing: tuple[float, float, float]) -> tuple[npt.NDArray[np.generic], tuple[float, float, float]]:
+              spacing: tuple[float, float, float],
+              ) -> tuple[npt.NDArray[np.generic], tuple[float, float, float]]:
     """Reorder a (z, y, x) array to axes (S, P, L), each increasing with its index, and permute spacing.
 
     Uses the nearest patient axis of each array axis (see module docstring). Returns a view, not a copy.
@@ -238,7 +240,8 @@ def _centre(volume: Volume, labels: LabelVolume) -> tuple[tuple[int, int, int], 
         index[order[2]] = ndimage.center_of_mass(labels.data == largest)[order[2]]
     position = (volume.affine @ np.append(index, 1.0))[:3]
     order, signs = _axis_map(volume.direction)
-    cidx = [index[a] if sign > 0 else volume.shape[a] - 1 - index[a] for a, sign in zip(order, signs)]
+    cidx = [index[a] if sign > 0 else volume.shape[a] - 1 - index[a]
+            for a, sign in zip(order, signs, strict=True)]
     return (int(round(cidx[0])), int(round(cidx[1])), int(round(cidx[2]))), position
 
 
@@ -264,12 +267,14 @@ def _plane_panels(gray3: npt.NDArray[np.uint8], lab3: npt.NDArray[np.uint8],
 
 def three_plane(volume: Volume, labels: LabelVolume, *, title: str, width_px: int = 1200) -> RGB:
     """Axial, coronal and sagittal views through the centre of mass of all labels, side by side."""
-    gray3, spacing = canonical(window_u8(volume.data, display_window(volume)), volume.direction, volume.spacing)
+    gray = window_u8(volume.data, display_window(volume))
+    gray3, spacing = canonical(gray, volume.direction, volume.spacing)
     lab3, _ = canonical(labels.data, volume.direction, volume.spacing)
     centre, position = _centre(volume, labels)
-    extent = (lab3.shape[2] * spacing[2]) * 2 + lab3.shape[1] * spacing[1]  # axial + coronal + sagittal widths
+    extent = (lab3.shape[2] * spacing[2]) * 2 + lab3.shape[1] * spacing[1]  # axial + coronal + sagittal
     mm_per_px = extent / (width_px - 16)
-    panels = _plane_panels(gray3, lab3, spacing, centre, position, labels.labels, mm_per_px)
+    panels = _plane_panels(np.asarray(gray3, dtype=np.uint8), np.asarray(lab3, dtype=np.uint8), spacing,
+                           centre, position, labels.labels, mm_per_px)
     return compose(hstack(panels), title, labels.labels,
                    (f"Planes through the labels' centre; window C {display_window(volume)[0]:g} "
                     f"W {display_window(volume)[1]:g}",))

@@ -4,10 +4,11 @@ Contract of every SC built here:
 
 - RGB 8-bit, single frame, uncompressed (Explicit VR Little Endian): the most widely displayable form.
 - Patient and Study copied from the source (``SCImage.from_ref_dataset``), a new series per picture kind
-  with deterministic Series/SOP Instance UIDs and series number from :class:`~dicomnode.encode.uids.OutputIds`.
+  with deterministic Series/SOP Instance UIDs and series number from
+  :class:`~dicomnode.encode.uids.OutputIds`.
 - ConversionType WSD (workstation), BurnedInAnnotation YES (the pictures carry text, including
   "NOT FOR DIAGNOSTIC USE"), ImageType DERIVED\\SECONDARY, ContributingEquipmentSequence from provenance.
-- PatientOrientation is (L, P) for native axial overlays (row direction towards patient Left, column
+- PatientOrientation is (L, P) for native axial overlays (row direction to patient Left, column
   direction towards Posterior); multi-panel pictures have no single orientation, so it is sent empty
   (Type 2C, allowed empty).
 """
@@ -83,9 +84,10 @@ def make_sc(picture: RGB, ref: Dataset, *, ids: OutputIds, kind: OutputKind, ind
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"
     if "Laterality" not in sc:
-        sc.Laterality = None  # Type 2C (paired body part, e.g. CHEST): present, empty = both / not applicable
+        sc.add_new("Laterality", "CS", None)  # Type 2C for paired parts (CHEST): empty = both / unknown
     if orientation is None:
-        sc.PatientOrientation = None
+        del sc.PatientOrientation
+        sc.add_new("PatientOrientation", "CS", None)
     sc.DerivationDescription = f"{prov.pipeline}: {prov.model_name} {prov.model_version}"[:1024]
     drop_incomplete_study_references(sc)
     return sc
@@ -118,7 +120,8 @@ def make_summaries(volume: Volume, labels: LabelVolume, *, ids: OutputIds, prov:
         else:
             raise ValueError(f"{kind} is not a summary picture kind")
         out.append(make_sc(picture, volume.headers[0], ids=ids, kind=kind, index=0, prov=prov,
-                           series_description=f"{series_description} {_DESCRIPTIONS[kind]}", orientation=None))
+                           series_description=f"{series_description} {_DESCRIPTIONS[kind]}",
+                           orientation=None))
     return out
 
 

@@ -26,10 +26,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode.encode.provenance import (
+    MANUFACTURER,
     Provenance,
     contributing_equipment,
     drop_incomplete_study_references,
-    equipment_kwargs,
     seg_algorithm_identification,
 )
 from dicomnode.encode.uids import OutputIds, OutputKind
@@ -131,7 +131,11 @@ def make_seg(volume: Volume, labels: LabelVolume, *, ids: OutputIds, prov: Prove
         transfer_syntax_uid=ExplicitVRLittleEndian,
         omit_empty_frames=True,
         contributing_equipment=contributing_equipment(prov),
-        **equipment_kwargs(prov),
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=prov.pipeline[:64],
+        software_versions=prov.software_version,
+        device_serial_number=prov.device_serial_number[:64],
+        institution_name=prov.institution_name,
     )
     drop_incomplete_study_references(seg)
     return seg

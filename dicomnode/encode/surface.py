@@ -39,12 +39,13 @@ def label_mesh(mask: npt.NDArray[np.bool_], spacing: tuple[float, float, float],
     """
     steps = tuple(max(1, int(target_mm // (2 * s))) for s in spacing)  # cheap pre-reduction, no aliasing
     small = mask[:: steps[0], :: steps[1], :: steps[2]].astype(np.float32)
-    zoom = [s * k / target_mm for s, k in zip(spacing, steps)]
+    zoom = [s * k / target_mm for s, k in zip(spacing, steps, strict=True)]
     iso = ndimage.gaussian_filter(ndimage.zoom(small, zoom, order=1), sigma=0.6)
     padded = np.pad(iso, 1)  # closed surfaces at the volume's border
     grid = (target_mm, target_mm, target_mm)
-    verts, faces, normals, _ = marching_cubes(padded, level=0.5, spacing=grid)
-    scale = np.array([n * s for n, s in zip(mask.shape, spacing)]) / np.array(iso.shape) / target_mm
+    verts, faces, normals, _ = marching_cubes(padded, level=0.5, spacing=grid)  # type: ignore[no-untyped-call]
+    physical = np.array([n * s for n, s in zip(mask.shape, spacing, strict=True)])
+    scale = physical / np.array(iso.shape) / target_mm
     verts = (verts - target_mm) * scale  # undo padding, then stretch back to the exact physical extent
     return verts.astype(np.float64), faces.astype(np.int64), normals.astype(np.float64)
 
@@ -115,9 +116,8 @@ def surface_view(volume: Volume, labels: LabelVolume, *, title: str, width_px: i
             continue
         verts, faces, normals = label_mesh(np.asarray(mask), spacing)
         meshes.append((info, verts, faces, normals))
-    _, spacing = canonical(labels.data, volume.direction, volume.spacing)
-    extent_mm = np.array([n * s for n, s in zip(canonical(labels.data, volume.direction, volume.spacing)[0].shape,
-                                                   spacing)])
+    canon, spacing = canonical(labels.data, volume.direction, volume.spacing)
+    extent_mm = np.array([n * s for n, s in zip(canon.shape, spacing, strict=True)])
     mm_per_px = (extent_mm[2] + extent_mm[1]) / (width_px - 16)
     panels = [draw_edges(_view_panel(meshes, extent_mm, view, mm_per_px)) for view in _VIEWS]
     shown = [m[0] for m in meshes]

@@ -1,0 +1,128 @@
+"""Read-back check of every derived object before it leaves the node.
+
+:func:`check_output` writes the dataset as a DICOM Part 10 file into memory with pydicom's writing
+validation set to RAISE, reads it back with reading validation set to RAISE, and checks:
+
+- the identifiers every PACS needs: SOP Class/Instance, Study/Series Instance UIDs (valid UIDs), Patient ID
+  (present, may be empty), Modality, Series/Instance Number, and that the file meta matches the dataset;
+- SEG: highdicom reads it back (``Segmentation.from_dataset``), segment numbers are 1..N and every
+  segment has at least one frame;
+- SR: highdicom reads it back (``hd.sr.srread``) and the content root is a TID 1500 container;
+- SC: the pixel data decode to (Rows, Columns, 3) and BurnedInAnnotation is YES.
+
+Any failure raises :class:`~dicomnode.errors.PipelineError` naming the object (class, SOP Instance UID)
+and the problem; nothing is returned on success.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from io import BytesIO
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.config import RAISE, settings
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, SecondaryCaptureImageStorage
+
+from dicomnode.errors import PipelineError
+
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SR_3D_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+_REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+             "SeriesNumber", "InstanceNumber")
+
+
+@contextmanager
+def _strict() -> Iterator[None]:
+    old = (settings.reading_validation_mode, settings.writing_validation_mode)
+    settings.reading_validation_mode = RAISE
+    settings.writing_validation_mode = RAISE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode, settings.writing_validation_mode = old
+
+
+def round_trip(ds: Dataset) -> Dataset:
+    """``ds`` written as a Part 10 file and read back, both with strict validation (PipelineError if not)."""
+    buffer = BytesIO()
+    try:
+        with _strict():
+            ds.save_as(buffer, enforce_file_format=True)
+            buffer.seek(0)
+            back = pydicom.dcmread(buffer)
+            back.decode()  # parse every element now, so invalid values raise here
+    except Exception as exc:  # pydicom raises ValueError, KeyError, TypeError, InvalidDicomError, ...
+        raise PipelineError(f"{_name(ds)}: does not survive a strict write/read: {exc}") from exc
+    return back
+
+
+def _name(ds: Dataset) -> str:
+    return f"{getattr(ds, 'SOPClassUID', '?')!s} {getattr(ds, 'SOPInstanceUID', '?')!s}"
+
+
+def _check_identifiers(ds: Dataset) -> None:
+    missing = [kw for kw in _REQUIRED if kw not in ds or ds[kw].value in (None, "")]
+    if missing:
+        raise PipelineError(f"{_name(ds)}: missing {', '.join(missing)}")
+    if "PatientID" not in ds:
+        raise PipelineError(f"{_name(ds)}: missing PatientID")
+    for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        if not UID(str(ds[kw].value)).is_valid:
+            raise PipelineError(f"{_name(ds)}: {kw} {ds[kw].value!r} is not a valid UID")
+    meta = ds.file_meta
+    if (meta.MediaStorageSOPInstanceUID != ds.SOPInstanceUID
+            or meta.MediaStorageSOPClassUID != ds.SOPClassUID):
+        raise PipelineError(f"{_name(ds)}: file meta does not match the dataset's SOP class/instance")
+
+
+def _check_seg(ds: Dataset) -> None:
+    try:
+        seg = hd.seg.Segmentation.from_dataset(ds, copy=True)
+        numbers = list(seg.get_segment_numbers())
+        frames = [int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+                  for item in seg.PerFrameFunctionalGroupsSequence]
+    except Exception as exc:  # highdicom raises many types on malformed input
+        raise PipelineError(f"{_name(ds)}: highdicom cannot read the SEG back: {exc}") from exc
+    if numbers != list(range(1, len(numbers) + 1)) or not numbers:
+        raise PipelineError(f"{_name(ds)}: segment numbers {numbers} are not 1..N")
+    empty = sorted(set(numbers) - set(frames))
+    if empty:
+        raise PipelineError(f"{_name(ds)}: segments {empty} have no frames")
+
+
+def _check_sr(ds: Dataset) -> None:
+    try:
+        sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
+        template = sr.ContentTemplateSequence[0].TemplateIdentifier
+    except Exception as exc:
+        raise PipelineError(f"{_name(ds)}: highdicom cannot read the SR back: {exc}") from exc
+    if template != "1500":
+        raise PipelineError(f"{_name(ds)}: SR content template is {template}, not TID 1500")
+
+
+def _check_sc(ds: Dataset) -> None:
+    if ds.get("BurnedInAnnotation") != "YES":
+        raise PipelineError(f"{_name(ds)}: SC pictures carry text, BurnedInAnnotation must be YES")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:
+        raise PipelineError(f"{_name(ds)}: SC pixel data cannot be decoded: {exc}") from exc
+    if pixels.shape != (ds.Rows, ds.Columns, 3) or pixels.dtype != np.uint8:
+        raise PipelineError(f"{_name(ds)}: SC pixels are {pixels.shape} {pixels.dtype}, not RGB uint8")
+
+
+def check_output(ds: Dataset) -> None:
+    """Raise PipelineError unless ``ds`` round-trips strictly and passes its kind's checks (module doc)."""
+    back = round_trip(ds)
+    _check_identifiers(back)
+    sop_class = str(back.SOPClassUID)
+    if sop_class == SEG_CLASS:
+        _check_seg(back)
+    elif sop_class == SR_3D_CLASS:
+        _check_sr(back)
+    elif sop_class == SecondaryCaptureImageStorage:
+        _check_sc(back)
