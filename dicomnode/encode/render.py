@@ -19,10 +19,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.uid import SecondaryCaptureImageStorage
 from scipy import ndimage
 
 from dicomnode.labels import LabelInfo, LabelVolume
@@ -278,3 +281,19 @@ def three_plane(volume: Volume, labels: LabelVolume, *, title: str, width_px: in
     return compose(hstack(panels), title, labels.labels,
                    (f"Planes through the labels' centre; window C {display_window(volume)[0]:g} "
                     f"W {display_window(volume)[1]:g}",))
+
+
+def write_pngs(datasets: Sequence[object], folder: Path) -> list[Path]:
+    """Write the pixels of every Secondary Capture in ``datasets`` to ``folder`` as PNG; return the paths.
+
+    Files are named ``<SeriesNumber>_<InstanceNumber>.png``; datasets of other classes are skipped.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for ds in datasets:
+        if not isinstance(ds, Dataset) or ds.get("SOPClassUID") != SecondaryCaptureImageStorage:
+            continue
+        path = folder / f"{int(ds.SeriesNumber)}_{int(ds.InstanceNumber):03d}.png"
+        Image.fromarray(np.asarray(ds.pixel_array, dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
