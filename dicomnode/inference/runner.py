@@ -156,6 +156,11 @@ class ModelRunner:
         out = acc / norm
         return out[:, : shape[0], : shape[1], : shape[2]].contiguous()
 
+    def patch_count(self, shape: tuple[int, int, int]) -> int:
+        """Number of sliding-window patches for an image of ``shape`` (z, y, x) on the model's grid."""
+        padded = tuple(max(s, p) for s, p in zip(shape, self.patch_size, strict=True))
+        return len(self._windows(padded))
+
     def _pad(self, image: torch.Tensor) -> torch.Tensor:
         pads = [max(0, p - int(s)) for p, s in zip(self.patch_size, image.shape, strict=True)]
         if not any(pads):
