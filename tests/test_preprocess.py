@@ -1,0 +1,102 @@
+"""Preprocessing on real volumes: windows, resample + inverse (torch vs scipy), normalisation, crop/pad."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from dicomnode.masks import body_mask
+from dicomnode.preprocess import (
+    WINDOWS,
+    bounding_box,
+    clip_hu,
+    crop,
+    minmax,
+    pad_to_shape,
+    resample,
+    resample_to,
+    to_uint8,
+    uncrop,
+    unminmax,
+    unzscore,
+    window,
+    window_volume,
+    zscore,
+)
+from dicomnode.volume import Volume, load_series_dir
+from tests.conftest import series_dir
+
+
+@pytest.fixture(scope="module")
+def p03() -> Volume:
+    return load_series_dir(series_dir("P03"))
+
+
+def test_window_presets_and_series_window(p03: Volume) -> None:
+    assert WINDOWS["brain"] == (40.0, 80.0) and {"subdural", "stroke", "bone", "lung", "mediastinum",
+                                                 "soft_tissue"} <= set(WINDOWS)
+    assert np.allclose(window(np.array([0.0, 40.0, 80.0, -5.0]), 40, 80), [0.0, 0.5, 1.0, 0.0])
+    brain = window_volume(p03, "brain")
+    assert brain.dtype == np.float32 and 0.0 <= brain.min() and brain.max() <= 1.0
+    assert np.array_equal(window_volume(p03, "series"), window(p03.data, *p03.window))  # type: ignore[misc]
+    assert to_uint8(np.array([0.0, 0.5, 1.0])).tolist() == [0, 128, 255]
+    with pytest.raises(ValueError, match="unknown window preset"):
+        window_volume(p03, "liver-ish")
+
+
+def test_resample_and_exact_inverse_on_real_data(p03: Volume) -> None:
+    """5 mm slices -> 2.5 mm: every source slice is a target slice, so nearest labels come back exactly."""
+    spacing = (2.5, p03.spacing[1] / 2, p03.spacing[2] / 2)
+    fine, fine_affine = resample(p03, target_spacing=spacing, order="linear", device="cpu")
+    assert fine.shape == (55, 1023, 1023)
+    assert np.allclose(fine_affine @ [2, 0, 0, 1], p03.affine @ [1, 0, 0, 1])
+    back = resample_to(fine, fine_affine, p03.shape, p03.affine, "linear", device="cpu")
+    assert np.allclose(back, p03.data, atol=1e-3)
+    labels = body_mask(p03).data
+    fine_labels, _ = resample(labels, p03.affine, spacing, order="nearest", device="cpu")
+    assert fine_labels.dtype == np.uint8
+    assert np.array_equal(resample_to(fine_labels, fine_affine, p03.shape, p03.affine, "nearest"), labels)
+
+
+def test_torch_and_scipy_agree(p03: Volume) -> None:
+    data = p03.data[:, ::4, ::4]
+    affine = p03.affine @ np.diag([1.0, 4.0, 4.0, 1.0])
+    ours, new_affine = resample(data, affine, (1.5, 2.0, 2.5), order="linear", device="cpu")
+    index_map = np.linalg.inv(affine) @ new_affine
+    reference = ndimage.affine_transform(data, index_map[:3, :3], index_map[:3, 3], output_shape=ours.shape,
+                                         order=1, mode="nearest")
+    assert np.abs(ours - reference).max() < 1e-2
+    rotation = np.eye(4)
+    angle = np.radians(10)
+    rotation[1:3, 1:3] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
+    oblique = affine @ rotation
+    ours_oblique = resample_to(data, affine, data.shape, oblique, "linear", device="cpu")
+    index_map = np.linalg.inv(affine) @ oblique
+    reference = ndimage.affine_transform(data, index_map[:3, :3], index_map[:3, 3], order=1, mode="nearest")
+    inner = (slice(2, -2), slice(10, -10), slice(10, -10))
+    assert np.abs(ours_oblique - reference)[inner].max() < 0.5
+
+
+def test_normalisation_round_trips(p03: Volume) -> None:
+    clipped = clip_hu(p03.data, -1000, 1000)
+    assert clipped.min() >= -1000 and clipped.max() <= 1000
+    z, stats = zscore(clipped)
+    assert abs(float(z.mean())) < 1e-3 and abs(float(z.std()) - 1) < 1e-3
+    assert np.allclose(unzscore(z, stats), clipped, atol=1e-2)
+    scaled, bounds = minmax(clipped)
+    assert scaled.min() == 0.0 and scaled.max() == 1.0
+    assert np.allclose(unminmax(scaled, bounds), clipped, atol=1e-2)
+
+
+def test_crop_to_body_and_pad_with_inverses(p03: Volume) -> None:
+    body = body_mask(p03).mask(1)
+    box = bounding_box(body, margin=2)
+    cut, cut_affine = crop(p03.data, p03.affine, box)
+    assert cut.shape[1] < p03.shape[1] and body[box.slices].sum() == body.sum()
+    assert np.allclose(cut_affine @ [0, 0, 0, 1], p03.affine @ [*box.start, 1])
+    restored = uncrop(cut, box, fill=-1000)
+    assert np.array_equal(restored[box.slices], p03.data[box.slices])
+    padded, pad_affine, where = pad_to_shape(cut, cut_affine, (32, 512, 512), fill=-1000)
+    assert padded.shape == (32, 512, 512) and np.array_equal(padded[where.slices], cut)
+    assert np.allclose(pad_affine @ [*where.start, 1], cut_affine @ [0, 0, 0, 1])
