@@ -38,7 +38,8 @@ def to_nifti_order(data: npt.NDArray[Any]) -> npt.NDArray[Any]:
 
 def _image(array: npt.NDArray[Any], affine: npt.NDArray[np.float64], dtype: Any) -> Any:
     stored = np.ascontiguousarray(to_nifti_order(array)).astype(dtype, copy=False)
-    image: Any = nib.Nifti1Image(stored, affine)
+    nifti_image: Any = nib.Nifti1Image
+    image: Any = nifti_image(stored, affine)
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
     image.header.set_xyzt_units("mm", "sec")
