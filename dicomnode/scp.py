@@ -80,6 +80,31 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
+_UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def _pixel_problem(ds: Dataset, transfer_syntax: str) -> str | None:
+    """Cheap consistency check of an image's pixel data (lengths only, nothing decoded): catches truncation."""
+    if "Rows" not in ds or "Columns" not in ds:
+        return None  # not an image (SR, presentation state, ...)
+    present = [k for k in _PIXEL_KEYWORDS if k in ds]
+    if not present:
+        return "image data set (Rows/Columns present) has no Pixel Data"
+    if present[0] != "PixelData" or transfer_syntax not in _UNCOMPRESSED:
+        return None
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(ds.BitsAllocated)
+        expected = int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1)) * bits // 8
+        actual = len(ds.PixelData)
+    except Exception as exc:
+        return f"image pixel description cannot be read: {exc}"
+    if actual < expected:
+        return f"Pixel Data has {actual} bytes, Rows x Columns x frames x samples x bits needs {expected}"
+    return None
+
+
 def instance_meta(event: evt.Event) -> InstanceMeta:
     """Read the identifying header attributes of the received data set (no pixel data is decoded)."""
     request = event.request
@@ -90,6 +115,8 @@ def instance_meta(event: evt.Event) -> InstanceMeta:
         extra = {k: _text(ds, k) for k in ("Modality", "BodyPartExamined", "SeriesDescription", "ImageType")}
     except Exception as exc:  # pydicom raises many types on malformed input
         raise _Reject(CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(exc).__name__}: {exc}") from exc
+    if len(ds) == 0:
+        raise _Reject(CANNOT_UNDERSTAND, "data set cannot be parsed: no data element could be read")
     missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not uids[k]]
     if missing:
         raise _Reject(CANNOT_UNDERSTAND, f"data set lacks {', '.join(missing)}")
@@ -100,6 +127,9 @@ def instance_meta(event: evt.Event) -> InstanceMeta:
         raise _Reject(DATASET_MISMATCH, "SOPInstanceUID differs from the request's Affected SOP Instance UID")
     if uids["SOPClassUID"] and uids["SOPClassUID"] != str(request.AffectedSOPClassUID):
         raise _Reject(DATASET_MISMATCH, "SOPClassUID differs from the request's Affected SOP Class UID")
+    problem = _pixel_problem(ds, str(event.context.transfer_syntax))
+    if problem:
+        raise _Reject(DATASET_MISMATCH, problem)
     return InstanceMeta(
         sop_uid=uids["SOPInstanceUID"], sop_class_uid=str(request.AffectedSOPClassUID),
         series_uid=uids["SeriesInstanceUID"], study_uid=uids["StudyInstanceUID"],

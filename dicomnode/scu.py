@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.config import Destination
@@ -131,6 +131,8 @@ def send_files(dest: Destination, files: Sequence[OutboundFile], settings: ScuSe
     Raises :class:`DeliveryError` when an association cannot be set up (retryable or not, as classified) or
     is lost mid-way (retryable); results of files already answered are reported through ``on_result`` first.
     """
+    # Stream each data set from its file as stored (no decode/re-encode): the bytes sent are the bytes kept.
+    _config.STORE_SEND_CHUNKED_DATASET = True
     results: list[StoreResult] = []
     for contexts, members in _context_chunks(files):
         assoc = _associate(dest, settings, contexts)

@@ -67,24 +67,38 @@ def make_worker(cfg: Config, index: int = 0) -> Worker:
 # ------------------------------------------------------------------------------------------ processes
 
 
-def _child_setup(cfg: Config, stop: Any) -> None:
+class _Signals:
+    """SIGTERM/SIGINT only raise a flag: setting an Event inside a signal handler can deadlock the very
+    thread that is waiting on it, so loops poll the flag (and the shared stop event) instead."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.raised = True
+
+    def wait(self, stop: Any, interval: float = 0.2) -> bool:
+        """Sleep ``interval``; True once a signal arrived or ``stop`` (shared with other processes) is set."""
+        time.sleep(interval)
+        return self.raised or bool(stop.is_set())
+
+
+def _child_setup(cfg: Config) -> _Signals:
     from dicomnode.logs import configure_logging  # noqa: PLC0415
 
     configure_logging(cfg.logging.level, json_lines=cfg.logging.json)
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    return _Signals()
 
 
 def receiver_main(cfg: Config, index: int, stop: Any) -> None:
     """Entry point of a receiver process."""
-    _child_setup(cfg, stop)
+    signals = _child_setup(cfg)
     ctx = ReceiveContext(cfg, open_spool(cfg), Store(cfg.db_path))
     server = start_server(cfg, ctx)
-    stop.wait()
+    while not signals.wait(stop):
+        pass
     server.shutdown()
     server.server_close()
     log.info("receiver %d stopped", index)
@@ -92,9 +106,15 @@ def receiver_main(cfg: Config, index: int, stop: Any) -> None:
 
 def worker_main(cfg: Config, index: int, stop: Any) -> None:
     """Entry point of a worker process."""
-    _child_setup(cfg, stop)
+    signals = _child_setup(cfg)
     local_stop = threading.Event()
-    threading.Thread(target=lambda: (stop.wait(), local_stop.set()), daemon=True).start()
+
+    def watch() -> None:
+        while not signals.wait(stop):
+            pass
+        local_stop.set()
+
+    threading.Thread(target=watch, daemon=True, name="stop-watch").start()
     make_worker(cfg, index).run(local_stop)
     log.info("worker %d stopped", index)
 
@@ -121,24 +141,21 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
         child.process = spawn.Process(target=child.target, args=(cfg, child.index, stop), name=child.name)
         child.process.start()
 
-    def on_signal(signum: int, frame: object) -> None:
-        log.info("signal %d: stopping", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signals = _Signals()
     for child in children:
         start(child)
     log.info("dicomnode %s serving on %s:%d with %d receiver(s) and %d worker(s)", cfg.node.ae_title,
              cfg.node.host, cfg.node.port, cfg.node.receivers, cfg.worker.workers)
     if ready is not None:
         ready()
-    while not stop.wait(1.0):
+    while not signals.wait(stop, 0.5):
         for child in children:
             if not child.process.is_alive():
                 log.error("%s exited with code %s; restarting it", child.name, child.process.exitcode)
                 time.sleep(0.5)
                 start(child)
+    log.info("stopping")
+    stop.set()
     for child in children:
         child.process.join(timeout=30)
         if child.process.is_alive():
