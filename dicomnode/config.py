@@ -123,14 +123,60 @@ class Destination:
     tls: bool = False
 
 
+SEGMENTER_KINDS = ("lung", "body", "brain", "lung-unet", "unet", "torchscript")
+OUTPUT_KINDS = ("seg", "sr", "sc", "sc-overlay", "sc-planes", "sc-surface")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The segmenter of a ``segment`` pipeline.
+
+    ``kind``: ``lung``/``body``/``brain`` (classical, no weights), ``lung-unet`` (the U-Net shipped with the
+    package, or ``path``), ``unet`` (a state-dict checkpoint of the package's U-Net at ``path``),
+    ``torchscript`` (a TorchScript archive at ``path`` with its preprocessing spec).
+    """
+
+    kind: str = "lung"
+    path: Path | None = None
+    batch_size: int = 2  # patches per forward pass; halved on CUDA out-of-memory
+    overlap: float = 0.5  # sliding-window overlap, fraction of the patch
+    amp: bool = True  # mixed precision on CUDA (ignored on the CPU)
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    """How a series becomes a volume for this pipeline."""
+
+    min_slices: int = 3
+    irregular: Literal["resample", "reject"] = "resample"  # gantry tilt / unequal spacing
+
+
+@dataclass(frozen=True)
+class OutputsConfig:
+    """Which derived objects a ``segment`` pipeline makes. Series numbers: base + 0 SEG, 1 SR, 2-4 SC."""
+
+    kinds: tuple[str, ...] = ("seg", "sr", "sc")
+    series_number_base: int = 9000
+    series_description: str | None = None  # default: the pipeline name
+    overlay_every: int = 4  # picture every n-th slice that contains the mask ...
+    overlay_max: int = 24  # ... at most this many
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
-    """A named piece of work for a complete series. ``kind: forward`` sends the series unchanged."""
+    """A named piece of work for a complete series.
+
+    ``kind: forward`` sends the series unchanged; ``kind: segment`` builds a volume, runs ``model`` and sends
+    the ``outputs`` (SEG, SR, Secondary Captures) to ``destinations``.
+    """
 
     name: str
     kind: Literal["forward", "segment"] = "forward"
     destinations: tuple[str, ...] = ()
     dry_run: bool = False  # run, record what would be sent, send nothing
+    model: ModelConfig = field(default_factory=ModelConfig)
+    volume: VolumeConfig = field(default_factory=VolumeConfig)
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
 
 
 @dataclass(frozen=True)
@@ -325,6 +371,8 @@ def _validate(cfg: Config) -> None:
         for dest_name in pipe.destinations:
             if dest_name not in names:
                 raise ConfigError(f"pipelines[{i}].destinations: unknown destination {dest_name!r}")
+        if pipe.kind == "segment":
+            _validate_segment(pipe, f"pipelines[{i}]")
     for i, rule in enumerate(cfg.rules):
         if not rule.pipelines:
             raise ConfigError(f"rules[{i}].pipelines: a rule must name at least one pipeline")
@@ -339,6 +387,27 @@ def _validate(cfg: Config) -> None:
     for dest_name in cfg.unmatched_destinations:
         if dest_name not in names:
             raise ConfigError(f"unmatched_destinations: unknown destination {dest_name!r}")
+
+
+def _validate_segment(pipe: PipelineConfig, where: str) -> None:
+    model = pipe.model
+    if model.kind not in SEGMENTER_KINDS:
+        raise ConfigError(f"{where}.model.kind: {model.kind!r} is not one of {', '.join(SEGMENTER_KINDS)}")
+    if model.kind in ("unet", "torchscript") and model.path is None:
+        raise ConfigError(f"{where}.model.path: required for model kind {model.kind!r}")
+    if model.path is not None and not model.path.is_file():
+        raise ConfigError(f"{where}.model.path: {model.path} does not exist")
+    if model.batch_size < 1 or not 0 <= model.overlap < 1:
+        raise ConfigError(f"{where}.model: batch_size must be >= 1 and overlap in [0, 1)")
+    for kind in pipe.outputs.kinds:
+        if kind not in OUTPUT_KINDS:
+            raise ConfigError(f"{where}.outputs.kinds: {kind!r} is not one of {', '.join(OUTPUT_KINDS)}")
+    if "sr" in pipe.outputs.kinds and "seg" not in pipe.outputs.kinds:
+        raise ConfigError(f"{where}.outputs.kinds: 'sr' references the SEG, so it needs 'seg' too")
+    if not 1 <= pipe.outputs.series_number_base <= 2**31 - 10:
+        raise ConfigError(f"{where}.outputs.series_number_base: out of range")
+    if pipe.volume.min_slices < 1:
+        raise ConfigError(f"{where}.volume.min_slices: must be at least 1")
 
 
 def parse_config(raw: Any) -> Config:
