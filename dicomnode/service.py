@@ -18,9 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from dicomnode import metrics
 from dicomnode.config import Config
 from dicomnode.pipeline import PipelineContext, Producer
-from dicomnode.recovery import recover
+from dicomnode.recovery import recover, requeue_dead_workers
 from dicomnode.routing import make_router
 from dicomnode.scp import ReceiveContext, start_server
 from dicomnode.scu import ScuSettings, client_ssl_context
@@ -115,7 +116,12 @@ def worker_main(cfg: Config, index: int, stop: Any) -> None:
         local_stop.set()
 
     threading.Thread(target=watch, daemon=True, name="stop-watch").start()
-    make_worker(cfg, index).run(local_stop)
+    worker = make_worker(cfg, index)
+    if cfg.metrics.enabled:
+        from dicomnode.metrics import job_hook  # noqa: PLC0415
+
+        worker.on_job_done = job_hook(worker.ctx.store)
+    worker.run(local_stop)
     log.info("worker %d stopped", index)
 
 
@@ -125,12 +131,29 @@ class _Child:
     target: Callable[..., None]
     index: int
     process: Any = None
+    restarts: int = 0
+
+
+def _health(children: list[_Child], started: float) -> dict[str, Any]:
+    """The ``/health`` document: healthy when there is a receiver and every receiver and worker is alive."""
+    doc: dict[str, Any] = {"receivers": [], "workers": []}
+    for child in children:
+        alive = child.process is not None and child.process.is_alive()
+        role = "receivers" if child.target is receiver_main else "workers"
+        doc[role].append({"name": child.name, "pid": child.process.pid if child.process else None,
+                          "alive": alive, "restarts": child.restarts})
+    everyone = doc["receivers"] + doc["workers"]
+    doc["healthy"] = bool(doc["receivers"]) and all(c["alive"] for c in everyone)
+    doc["uptime_seconds"] = round(time.time() - started, 3)
+    return doc
 
 
 def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
     """Run the node until SIGTERM/SIGINT. Returns the exit code."""
     spawn = mp.get_context("spawn")
     stop = spawn.Event()
+    if cfg.metrics.enabled:
+        metrics.prepare_multiprocess(cfg)  # before any child is spawned: they inherit the directory
     store = Store(cfg.db_path)
     report = recover(store, open_spool(cfg), reprocess_late=cfg.completion.on_late_instance.value == "reprocess")
     log.info("recovered: %s", report)
@@ -144,6 +167,11 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
     signals = _Signals()
     for child in children:
         start(child)
+    http = None
+    if cfg.metrics.enabled:
+        started_at = time.time()
+        http = metrics.start_http_server(cfg.metrics.host, cfg.metrics.port, cfg.db_path,
+                                         lambda: _health(children, started_at))
     log.info("dicomnode %s serving on %s:%d with %d receiver(s) and %d worker(s)", cfg.node.ae_title,
              cfg.node.host, cfg.node.port, cfg.node.receivers, cfg.worker.workers)
     if ready is not None:
@@ -152,6 +180,11 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
         for child in children:
             if not child.process.is_alive():
                 log.error("%s exited with code %s; restarting it", child.name, child.process.exitcode)
+                if cfg.metrics.enabled:
+                    metrics.process_exited(child.process.pid)
+                child.restarts += 1
+                if child.target is worker_main:  # its job goes back to the queue now, not when the lease ends
+                    requeue_dead_workers(store, now=time.time())
                 time.sleep(0.5)
                 start(child)
     log.info("stopping")
@@ -162,5 +195,8 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
             log.warning("%s did not stop in time; terminating", child.name)
             child.process.terminate()
             child.process.join(timeout=5)
+    if http is not None:
+        http.shutdown()
+        http.server_close()
     log.info("stopped")
     return 0
