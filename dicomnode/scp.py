@@ -24,7 +24,7 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -32,6 +32,7 @@ from pynetdicom.ae import ApplicationEntity
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicomnode import metrics
 from dicomnode.config import Config, TlsConfig
 from dicomnode.errors import StoreError
 from dicomnode.spool import OutOfSpace, Spool, is_valid_uid
@@ -85,7 +86,7 @@ _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
 def _pixel_problem(ds: Dataset, transfer_syntax: str) -> str | None:
-    """Cheap consistency check of an image's pixel data (lengths only, nothing decoded): catches truncation."""
+    """Cheap check of an image's pixel data (lengths only, nothing decoded): catches truncation."""
     if "Rows" not in ds or "Columns" not in ds:
         return None  # not an image (SR, presentation state, ...)
     present = [k for k in _PIXEL_KEYWORDS if k in ds]
@@ -107,7 +108,7 @@ def _pixel_problem(ds: Dataset, transfer_syntax: str) -> str | None:
 
 def instance_meta(event: evt.Event) -> InstanceMeta:
     """Read the identifying header attributes of the received data set (no pixel data is decoded)."""
-    request = event.request
+    request: Any = event.request
     try:
         ds = event.dataset
         uids = {k: _text(ds, k) for k in
@@ -145,14 +146,17 @@ def handle_store(event: evt.Event, ctx: ReceiveContext) -> int:
         meta = instance_meta(event)
     except _Reject as rej:
         log.warning("C-STORE from %s refused with 0x%04X: %s", peer, rej.status, rej)
+        metrics.rejection(f"status:0x{rej.status:04X}")
         return rej.status
     try:
         spooled = ctx.spool.write(meta.series_uid, meta.sop_uid, event.encoded_dataset())
     except OutOfSpace as exc:
         log.error("C-STORE from %s refused with 0xA700: %s", peer, exc)
+        metrics.rejection("status:0xA700")
         return OUT_OF_RESOURCES
     except OSError as exc:
         log.error("C-STORE from %s refused with 0xA700: cannot write spool file: %s", peer, exc)
+        metrics.rejection("status:0xA700")
         return OUT_OF_RESOURCES
     try:
         outcome, moved = ctx.store.record_instance(
@@ -161,6 +165,7 @@ def handle_store(event: evt.Event, ctx: ReceiveContext) -> int:
     except (StoreError, OSError, Exception) as exc:  # never answer success without a row
         spooled.path.unlink(missing_ok=True)
         log.error("C-STORE from %s refused with 0xA700: state store unavailable: %s", peer, exc)
+        metrics.rejection("status:0xA700")
         return OUT_OF_RESOURCES
     if moved:
         try:
@@ -170,6 +175,7 @@ def handle_store(event: evt.Event, ctx: ReceiveContext) -> int:
     if outcome is not RecordOutcome.NEW:
         log.info("instance %s of series %s: %s", meta.sop_uid, meta.series_uid, outcome.value)
     ctx.note_series(event.assoc, meta.series_uid)
+    metrics.instance_received(spooled.size)
     if ctx.on_received is not None:
         ctx.on_received(meta, spooled.size, outcome)
     return SUCCESS
@@ -186,21 +192,43 @@ def handle_aborted(event: evt.Event, ctx: ReceiveContext) -> None:
     ctx.pop_series(event.assoc)
 
 
-class NodeServer(ThreadedAssociationServer):  # type: ignore[misc]
+def handle_acse_sent(event: evt.Event) -> None:
+    """EVT_ACSE_SENT: count accepted associations, and rejections by their A-ASSOCIATE-RJ reason."""
+    primitive: Any = getattr(event, "primitive", None)
+    if type(primitive).__name__ != "A_ASSOCIATE":
+        return
+    if primitive.result == 0x00:
+        metrics.association_accepted()
+    elif primitive.result in (0x01, 0x02):
+        reason = str(primitive.reason_str).lower().replace(" ", "-")
+        metrics.rejection(f"association:{reason}")
+
+
+class NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with SO_REUSEPORT, TCP_NODELAY and a peer host allow-list."""
 
     allowed_hosts: frozenset[str] = frozenset()
+    handshake_timeout: float = 30.0
 
     def server_bind(self) -> None:
         if hasattr(socket, "SO_REUSEPORT"):
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        sock, address = self.socket.accept()
+        sock, address = cast(socket.socket, self.socket).accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context:
-            sock = self.ssl_context.wrap_socket(sock, server_side=True)
+            # The handshake runs in the accepting thread: bound it, so a silent client cannot stall accepting.
+            sock.settimeout(self.handshake_timeout)
+            try:
+                sock = self.ssl_context.wrap_socket(sock, server_side=True)
+            except (OSError, ValueError) as exc:
+                sock.close()
+                log.warning("TLS handshake with %s failed: %s", address[0], exc)
+                metrics.rejection("tls-handshake")
+                raise OSError(f"TLS handshake failed: {exc}") from exc  # socketserver drops the request
+            sock.settimeout(None)
         return sock, address
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
@@ -236,19 +264,20 @@ def make_ae(cfg: Config) -> ApplicationEntity:
         ae.require_calling_aet = list(node.allowed_calling_aets)
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
     return ae
 
 
 def start_server(cfg: Config, ctx: ReceiveContext) -> NodeServer:
     """Start listening (non-blocking); returns the server, whose ``shutdown()`` stops it."""
     ae = make_ae(cfg)
-    handlers = [(evt.EVT_C_STORE, handle_store, [ctx]), (evt.EVT_RELEASED, handle_released, [ctx]),
-                (evt.EVT_ABORTED, handle_aborted, [ctx])]
-    server: NodeServer = ae.make_server(
+    handlers: list[Any] = [(evt.EVT_C_STORE, handle_store, [ctx]), (evt.EVT_RELEASED, handle_released, [ctx]),
+                (evt.EVT_ABORTED, handle_aborted, [ctx]), (evt.EVT_ACSE_SENT, handle_acse_sent)]
+    server = cast(NodeServer, ae.make_server(
         (cfg.node.host, cfg.node.port), evt_handlers=handlers, server_class=NodeServer,
-        ssl_context=server_ssl_context(cfg.node.tls))
+        ssl_context=server_ssl_context(cfg.node.tls)))
     server.allowed_hosts = frozenset(cfg.node.allowed_hosts)
+    server.handshake_timeout = cfg.node.acse_timeout
     thread = threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True)
     thread.start()
     log.info("listening as %s on %s:%d", cfg.node.ae_title, cfg.node.host, server.server_address[1])

@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicomnode import metrics
 from dicomnode.config import Destination
 from dicomnode.errors import DeliveryError
 from dicomnode.jobs import OutboundFile
@@ -70,9 +71,9 @@ def classify(rsp: Dataset) -> tuple[Outcome, int | None, str]:
 
 
 def _nodelay(event: evt.Event) -> None:
-    sock = event.assoc.dul.socket.socket
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    assoc_sock = event.assoc.dul.socket
+    if assoc_sock is not None and assoc_sock.socket is not None:
+        assoc_sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ def _associate(dest: Destination, settings: ScuSettings, contexts: Sequence[tupl
     for sop_class, ts in contexts:
         ae.add_requested_context(sop_class, ts)
     responses: list[Any] = []
-    handlers = [(evt.EVT_CONN_OPEN, _nodelay), (evt.EVT_ACSE_RECV, lambda e: responses.append(e.primitive))]
+    handlers: list[Any] = [(evt.EVT_CONN_OPEN, _nodelay),
+                           (evt.EVT_ACSE_RECV, lambda e: responses.append(e.primitive))]
     tls = (settings.ssl_context, dest.host) if settings.ssl_context is not None and dest.tls else None
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=handlers, tls_args=tls)
     if assoc.is_established:
@@ -133,11 +135,22 @@ def send_files(dest: Destination, files: Sequence[OutboundFile], settings: ScuSe
     """
     # Stream each data set from its file as stored (no decode/re-encode): the bytes sent are the bytes kept.
     _config.STORE_SEND_CHUNKED_DATASET = True
+    with metrics.stage_timer("send"):
+        return _send_chunks(dest, files, settings, on_result)
+
+
+def _send_chunks(dest: Destination, files: Sequence[OutboundFile], settings: ScuSettings,
+                 on_result: Callable[[StoreResult], None] | None) -> list[StoreResult]:
     results: list[StoreResult] = []
     for contexts, members in _context_chunks(files):
-        assoc = _associate(dest, settings, contexts)
         try:
-            accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+            assoc = _associate(dest, settings, contexts)
+        except DeliveryError as exc:
+            metrics.send_outcome(Outcome.RETRYABLE.value if exc.retryable else Outcome.PERMANENT.value)
+            raise
+        try:
+            accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                        for cx in assoc.accepted_contexts}
             for f in members:
                 if (f.sop_class_uid, f.transfer_syntax) not in accepted:
                     result = StoreResult(f, Outcome.PERMANENT, None,
@@ -147,6 +160,7 @@ def send_files(dest: Destination, files: Sequence[OutboundFile], settings: ScuSe
                     outcome, status, detail = classify(assoc.send_c_store(f.path))
                     result = StoreResult(f, outcome, status, detail)
                 results.append(result)
+                metrics.send_outcome(result.outcome.value)
                 if on_result is not None:
                     on_result(result)
                 if not assoc.is_established:
@@ -166,8 +180,8 @@ def echo(dest: Destination, settings: ScuSettings) -> int:
     ae.connection_timeout = settings.connection_timeout
     ae.add_requested_context(Verification)
     tls = (settings.ssl_context, dest.host) if settings.ssl_context is not None and dest.tls else None
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
-                         tls_args=tls)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)], tls_args=tls)
     if not assoc.is_established:
         raise DeliveryError(f"cannot associate with {dest.ae_title}@{dest.host}:{dest.port}",
                             retryable=not assoc.is_rejected)
