@@ -1,0 +1,63 @@
+"""Configuration: one YAML file, validated at start-up, unknown keys named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicomnode.config import LateInstancePolicy, load_config, parse_config
+from dicomnode.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid() -> None:
+    cfg = parse_config(None)
+    assert cfg.node.ae_title == "DICOMNODE" and cfg.node.port == 11112
+    assert cfg.completion.on_late_instance is LateInstancePolicy.REPROCESS
+
+
+def test_example_config_loads_and_documents_every_key() -> None:
+    example = REPO / "config" / "dicomnode.example.yaml"
+    cfg = load_config(example)
+    assert {p.name for p in cfg.pipelines} >= {"lung-ct", "lung-ct-unet"}
+    text = example.read_text()
+    for key in ("ae_title", "allowed_calling_aets", "quiet_seconds", "on_late_instance", "min_free_mb",
+                "lease_seconds", "max_attempts", "destinations", "pipelines", "rules", "unmatched"):
+        assert f"{key}:" in text
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"node": {"ae_tilte": "X"}}, "unknown configuration key node.ae_tilte"),
+    ({"bogus": 1}, "unknown configuration key bogus"),
+    ({"node": {"ae_title": "THIS-IS-WAY-TOO-LONG"}}, "not a valid AE title"),
+    ({"node": {"ae_title": "BACK\\SLASH"}}, "not a valid AE title"),
+    ({"node": {"port": 70000}}, "port 70000 is outside 1-65535"),
+    ({"node": {"port": "eleven"}}, "expected an integer"),
+    ({"completion": {"on_late_instance": "maybe"}}, "is not one of 'reprocess', 'ignore'"),
+    ({"destinations": [{"name": "a", "ae_title": "A", "host": "h"}]}, "destinations[0].port: required key"),
+    ({"pipelines": [{"name": "p", "destinations": ["nowhere"]}]}, "unknown destination 'nowhere'"),
+    ({"rules": [{"name": "r", "pipelines": ["nope"]}]}, "unknown pipeline 'nope'"),
+    ({"pipelines": [{"name": "p"}], "rules": [{"name": "r", "pipelines": ["p"],
+                                              "match": {"series_description": "("}}]}, "bad regular expression"),
+    ({"pipelines": [{"name": "p", "kind": "segment", "model": {"kind": "unet"}}]}, "model.path: required"),
+    ({"pipelines": [{"name": "p", "kind": "segment", "outputs": {"kinds": ["sr"]}}]}, "needs 'seg' too"),
+])
+def test_invalid_configs_are_rejected_with_the_key_named(raw: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        parse_config(raw)
+    assert message in str(info.value)
+
+
+def test_relative_storage_path_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "node.yaml"
+    cfg_file.write_text("storage:\n  path: data\n")
+    assert load_config(cfg_file).storage.path == (tmp_path / "data").resolve()
+
+
+def test_bad_yaml_is_a_config_error(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "node.yaml"
+    cfg_file.write_text("node: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(cfg_file)
