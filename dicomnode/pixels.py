@@ -176,6 +176,15 @@ def _decoded_array(ds: Dataset) -> npt.NDArray[Any]:
     return arr.reshape((-1, int(ds.Rows), int(ds.Columns)))
 
 
+def stored_values(source: SourceFile) -> npt.NDArray[Any]:
+    """The stored (not rescaled) values of one file, (frames, rows, cols), as pydicom's ``pixel_array`` gives
+    them, by whichever path :func:`decode_stack` takes for it."""
+    if source.native is None:
+        return _decoded_array(source.dataset)
+    native = source.native
+    return _native_array(source, native, bytearray(native.count * native.dtype.itemsize))
+
+
 _Job = tuple[SourceFile, list[tuple[int, Frame]]]  # a file and the (slice k, frame) pairs it fills
 
 

@@ -12,8 +12,17 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+    generate_uid,
+)
 
 from dicomnode.errors import VolumeError
+from dicomnode.pixels import read_file, stored_values
 from dicomnode.volume import Volume, VolumeOptions, load_series, load_series_dir
 from tests.conftest import series_dir
 
@@ -227,3 +236,48 @@ def test_padding_value_becomes_air(tmp_path: Path) -> None:
     padded = load_series_dir(tmp_path / "P03")
     index = [s.sop_instance_uid for s in padded.slices].index(ds.SOPInstanceUID)
     assert padded.data[index, 0, 0] == -1000.0
+
+
+def test_uncompressed_fast_path_gives_pydicoms_stored_values() -> None:
+    """Every uncompressed file of the shared series (LE implicit/explicit, BE; 12 of 16 bits, signed and
+    unsigned) read at its Pixel Data offset equals pydicom's pixel_array, dtype included."""
+    checked = 0
+    for series in ("P01", "P02", "P03", "P04", "P05", "P06", "P08", "P09"):
+        for path in sorted(p for p in series_dir(series).iterdir() if p.is_file())[:3]:
+            source = read_file(path)
+            expected = pydicom.dcmread(path).pixel_array
+            if source.native is None:
+                continue
+            got = stored_values(source)
+            assert got.dtype.kind == expected.dtype.kind and got.dtype.itemsize == expected.dtype.itemsize
+            assert np.array_equal(got, expected.reshape(got.shape)), path.name
+            checked += 1
+    assert checked >= 20
+
+
+@pytest.mark.parametrize(("bits", "stored", "signed", "syntax"), [
+    (16, 12, 1, ExplicitVRLittleEndian), (16, 12, 0, ImplicitVRLittleEndian),
+    (16, 16, 1, ExplicitVRBigEndian), (16, 10, 1, ExplicitVRBigEndian),
+    (8, 8, 0, ExplicitVRLittleEndian), (32, 32, 1, ExplicitVRLittleEndian)])
+def test_fast_path_bit_depths_and_unused_high_bits(tmp_path: Path, bits: int, stored: int, signed: int,
+                                                   syntax: str) -> None:
+    """Garbage in the unused high bits is masked (unsigned) or sign-extended (signed) as pydicom does."""
+    rng = np.random.default_rng(bits + stored + signed)
+    dtype = np.dtype(f"{'i' if signed else 'u'}{bits // 8}")
+    info = np.iinfo(dtype)
+    values = rng.integers(info.min, info.max, size=(2, 6, 5), endpoint=True, dtype=dtype)
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = MRImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 6, 5, 2
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, stored, stored - 1, signed
+    ds.PixelData = values.astype(dtype.newbyteorder(">" if syntax == ExplicitVRBigEndian else "<")).tobytes()
+    ds.save_as(tmp_path / "x.dcm", implicit_vr=syntax == ImplicitVRLittleEndian,
+               little_endian=syntax != ExplicitVRBigEndian, enforce_file_format=True)
+    source = read_file(tmp_path / "x.dcm")
+    assert source.native is not None
+    expected = pydicom.dcmread(tmp_path / "x.dcm").pixel_array
+    assert np.array_equal(stored_values(source), expected)
