@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import socketserver
 import ssl
 import threading
 import time
@@ -230,6 +231,11 @@ class NodeServer(ThreadedAssociationServer):
                 raise OSError(f"TLS handshake failed: {exc}") from exc  # socketserver drops the request
             sock.settimeout(None)
         return sock, address
+
+    def shutdown(self) -> None:
+        """Stop serving and close the socket (pynetdicom's own shutdown assumes ae.start_server made us)."""
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if self.allowed_hosts and client_address[0] not in self.allowed_hosts:

@@ -101,7 +101,6 @@ def receiver_main(cfg: Config, index: int, stop: Any) -> None:
     while not signals.wait(stop):
         pass
     server.shutdown()
-    server.server_close()
     log.info("receiver %d stopped", index)
 
 
