@@ -128,3 +128,25 @@ def test_stage_timer_and_observe_stage_in_process(tmp_path: Path) -> None:
     s = _samples(metrics.render(tmp_path / "db.sqlite3").decode())
     assert s['dicomnode_stage_seconds_count{stage="inference"}'] >= 1
     assert s['dicomnode_stage_seconds_sum{stage="encode"}'] >= 0.25
+
+
+def test_json_log_lines_carry_job_and_series_context_only() -> None:
+    import logging
+
+    from dicomnode.logs import JsonFormatter, context_logger
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("dicomnode.test.logs")
+    logger.addHandler(Keep())
+    logger.setLevel(logging.INFO)
+    context_logger(logger, job_id=7, series_uid="1.2.3").info("sent", extra={"PatientName": "DOE^JOHN"})
+    doc = json.loads(JsonFormatter().format(records[0]))
+    assert (doc["message"], doc["job_id"], doc["series_uid"]) == ("sent", 7, "1.2.3")
+    assert "PatientName" not in doc and "DOE" not in json.dumps(doc)
+    with pytest.raises(ValueError):
+        context_logger(logger, patient_id="x")
