@@ -221,4 +221,4 @@ def test_shipped_lung_unet_puts_lungs_on_the_correct_side(p01_labels: tuple[Volu
     assert centre_x[LUNG_RIGHT.value] < -40.0 < 40.0 < centre_x[LUNG_LEFT.value]
 
 
-DICE_THRESHOLD = 0.85
+DICE_THRESHOLD = 0.92  # measured on P01: right 0.963, left 0.947 (model card)
