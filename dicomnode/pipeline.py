@@ -53,8 +53,8 @@ def run_job(job: JobRow, ctx: PipelineContext) -> None:
     if not job.outputs_ready:
         files = _produce(job, pipe, ctx)
         now = time.time()
-        for dest in pipe.destinations:
-            jobs.add_deliveries(ctx.store, job.id, dest, files, now=now)
+        for dest_name in pipe.destinations:
+            jobs.add_deliveries(ctx.store, job.id, dest_name, files, now=now)
         jobs.set_outputs_ready(ctx.store, job.id, now=now,
                                message=f"{len(files)} object(s) ready for {', '.join(pipe.destinations) or 'nobody'}")
     refused: list[str] = []  # permanent: the destination said no, or will never accept

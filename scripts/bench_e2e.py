@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from dicomnode.store import Store  # noqa: E402
 from scripts.synthetic import P01, resliced_ct  # noqa: E402
-from tests.peers import NodeProcess, Orthanc, node_config, storescu, stored_count, wait_until  # noqa: E402
+from tests.peers import NodeProcess, Orthanc, node_config, stored_count, storescu, wait_until  # noqa: E402
 
 
 def run_once(work: Path, series: Path, count: int, model: str) -> tuple[float, str]:
@@ -72,7 +72,8 @@ def main() -> int:
             rows.append((name, statistics.median(times), stages))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\nseries complete -> last object acknowledged by Orthanc (model {args.model}, CPU, median of {args.repeat})")
+    print(f"\nseries complete -> last object acknowledged by Orthanc (model {args.model}, CPU,"
+          f" median of {args.repeat})")
     for name, seconds, stages in rows:
         print(f"  {name:<16} {seconds:6.2f} s   ({stages})")
     return 0

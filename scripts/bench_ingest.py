@@ -145,7 +145,8 @@ def main() -> int:
     node = results["dicomnode"]
     print("\nratios (dicomnode / reference):")
     for ref in ("storescp", "orthanc"):
-        print(f"  vs {ref:<9} 1 assoc {node['1'] / results[ref]['1']:.2f}x   4 assoc {node['4'] / results[ref]['4']:.2f}x")
+        one, four = node["1"] / results[ref]["1"], node["4"] / results[ref]["4"]
+        print(f"  vs {ref:<9} 1 assoc {one:.2f}x   4 assoc {four:.2f}x")
     print(f"  dicomnode 4 assoc / 1 assoc: {node['4'] / node['1']:.2f}x (receivers={args.receivers})")
     return 0
 

@@ -17,7 +17,7 @@ from dicomnode.masks import lung_mask
 from dicomnode.store import JobState, Store
 from dicomnode.volume import load_series_dir
 from tests.conftest import series_dir
-from tests.peers import NodeProcess, Orthanc, free_port, node_config, storescu, stored_count, wait_until
+from tests.peers import NodeProcess, Orthanc, free_port, node_config, stored_count, storescu, wait_until
 
 pytestmark = pytest.mark.peers
 

@@ -22,8 +22,8 @@ from tests.peers import (
     StoreSCP,
     dcmtk,
     node_config,
-    storescu,
     stored_count,
+    storescu,
     wait_until,
 )
 
