@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from dicomnode import metrics
 from dicomnode.config import Config, PipelineConfig
 from dicomnode.encode import build_outputs
 from dicomnode.inference.runner import RunnerSettings
@@ -82,7 +83,10 @@ def make_outputs(files: Sequence[Path], pipe: PipelineConfig, segmenters: Segmen
                              series_description=out.series_description)
     t3 = time.monotonic()
     report("done", 1.0)
-    return datasets, StageTimes(t1 - t0, t2 - t1, t3 - t2), volume.notes
+    times = StageTimes(t1 - t0, t2 - t1, t3 - t2)
+    for stage, seconds in (("load", times.load), ("inference", times.inference), ("encode", times.encode)):
+        metrics.observe_stage(stage, seconds)
+    return datasets, times, volume.notes
 
 
 def encode_file(ds: Dataset) -> bytes:
