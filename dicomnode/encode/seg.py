@@ -67,13 +67,22 @@ def segment_description(info: LabelInfo, number: int, ids: OutputIds, prov: Prov
     return desc
 
 
-def _stacked_masks(labels: LabelVolume) -> npt.NDArray[np.uint8]:
-    """(z, y, x, n_segments) uint8 0/1 array: the *stacked segments* style highdicom accepts."""
+def _segment_map(labels: LabelVolume) -> npt.NDArray[np.uint8]:
+    """(z, y, x) uint8 array of 1-based segment numbers (0 = background): highdicom's *label map* style.
+
+    Equivalent to stacking one 0/1 mask per segment, but highdicom then only checks the maximum instead of
+    summing a (z, y, x, n) stack for overlaps (labels cannot overlap), and builds each frame's binary mask
+    with one comparison per plane. Label values without a description map to background, as before.
+    """
     order = ordered_labels(labels)
-    stacked = np.zeros(labels.data.shape + (len(order),), dtype=np.uint8)
-    for n, info in enumerate(order):
-        stacked[..., n] = labels.data == info.value
-    return stacked
+    values = [info.value for info in order]
+    data = np.asarray(labels.data, dtype=np.uint8)
+    if values == list(range(1, len(values) + 1)) and int(data.max(initial=0)) <= len(values):
+        return data  # the common case: label value = segment number, nothing to remap
+    lut = np.zeros(256, dtype=np.uint8)
+    for number, value in enumerate(values, start=1):
+        lut[value] = number
+    return lut[data]
 
 
 def _sources_in_slice_order(volume: Volume) -> list[Dataset] | None:
@@ -89,16 +98,15 @@ def _sources_in_slice_order(volume: Volume) -> list[Dataset] | None:
 
 def _pixels_and_sources(volume: Volume, labels: LabelVolume) -> tuple[npt.NDArray[np.uint8] | hd.Volume,
                                                                       list[Dataset]]:
-    stacked = _stacked_masks(labels)
+    segments = _segment_map(labels)
     ordered = _sources_in_slice_order(volume)
     if ordered is not None:
-        return stacked, ordered
+        return segments, ordered
     hd_volume = hd.Volume(
-        array=stacked,
+        array=segments,
         affine=volume.affine,
         coordinate_system="PATIENT",
         frame_of_reference_uid=volume.frame_of_reference_uid,
-        channels={"SegmentNumber": list(range(1, stacked.shape[-1] + 1))},
     )
     return hd_volume, list(volume.headers)
 
