@@ -1,8 +1,9 @@
 """Time the shipped lung U-Net per volume: CPU fp32, and on CUDA (when present) fp32 vs mixed precision.
 
 Each configuration runs once to warm up, then ``--repeats`` times; the table gives the median seconds of the
-whole ``segment`` call and of its three stages (prepare: normalise + resample; predict: sliding window;
-restore: resample back to the source grid + arg-max), the patches per volume and the peak CUDA memory.
+whole ``segment`` call, its minimum (less sensitive to other load on a shared machine), and the medians of its
+three stages (prepare: normalise + resample; predict: sliding window; restore: resample back to the source
+grid + arg-max), the patches per volume and the peak CUDA memory.
 The classical ``lung_mask`` is timed on the same volume for reference.
 
 Usage: ``python scripts/bench_inference.py [--series P01] [--repeats 3] [--threads N]``.
@@ -30,6 +31,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 class Row:
     config: str
     total_s: float
+    best_s: float
     prepare_s: float
     predict_s: float
     restore_s: float
@@ -38,6 +40,10 @@ class Row:
 
 
 def _median_seconds(function: Callable[[], object], repeats: int) -> float:
+    return statistics.median(_seconds(function, repeats))
+
+
+def _seconds(function: Callable[[], object], repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -45,7 +51,7 @@ def _median_seconds(function: Callable[[], object], repeats: int) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return times
 
 
 def bench(volume: Volume, device: str, amp: bool, batch: int, repeats: int) -> Row:
@@ -57,16 +63,14 @@ def bench(volume: Volume, device: str, amp: bool, batch: int, repeats: int) -> R
         torch.cuda.reset_peak_memory_stats()
     image = prepare(volume, segmenter.spec)
     probs = runner.predict(image)
-    total = _median_seconds(lambda: segmenter.segment(volume), repeats)
+    totals = _seconds(lambda: segmenter.segment(volume), repeats)
     prep = _median_seconds(lambda: prepare(volume, segmenter.spec), repeats)
     pred = _median_seconds(lambda: runner.predict(image), repeats)
     rest = _median_seconds(lambda: restore_labels(probs, volume.shape), repeats)
     peak = torch.cuda.max_memory_allocated() / 2**20 if runner.device.type == "cuda" else 0.0
-    patches = len(
-        runner._windows(tuple(max(s, p) for s, p in zip(image.shape, runner.patch_size, strict=True)))
-    )
+    patches = len(runner._windows(tuple(max(s, p) for s, p in zip(image.shape, runner.patch_size, strict=True))))
     label = f"{runner.device.type} {'amp' if amp and runner.device.type == 'cuda' else 'fp32'} batch {batch}"
-    return Row(label, total, prep, pred, rest, patches, peak)
+    return Row(label, statistics.median(totals), min(totals), prep, pred, rest, patches, peak)
 
 
 def classical_seconds(volume: Volume, repeats: int) -> float:
@@ -94,11 +98,11 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
         f"CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}"
     )
-    heads = ("total s", "prepare", "predict", "restore", "patches")
+    heads = ("total s", "best s", "prepare", "predict", "restore", "patches")
     print(f"{'config':<22}" + "".join(f"{h:>9}" for h in heads) + f"{'peak MiB':>10}")
     for r in rows:
         print(
-            f"{r.config:<22}{r.total_s:>9.2f}{r.prepare_s:>9.2f}{r.predict_s:>9.2f}{r.restore_s:>9.2f}"
+            f"{r.config:<22}{r.total_s:>9.2f}{r.best_s:>9.2f}{r.prepare_s:>9.2f}{r.predict_s:>9.2f}{r.restore_s:>9.2f}"
             f"{r.patches:>9d}{r.peak_mib:>10.0f}"
         )
     print(f"{'classical lung_mask':<22}{classical_seconds(volume, args.repeats):>9.2f}")
