@@ -32,7 +32,7 @@ from scipy import ndimage
 from dicomnode.inference.loaders import DEFAULT_LUNG_UNET, save_unet_checkpoint
 from dicomnode.inference.runner import RunnerSettings
 from dicomnode.inference.segmenter import UNetSegmenter
-from dicomnode.inference.spec import PreprocessSpec, prepare
+from dicomnode.inference.spec import Orientation, PreprocessSpec, prepare
 from dicomnode.inference.unet import UNet3D, UNetConfig, count_parameters
 from dicomnode.labels import AIRWAYS, LUNG_LEFT, LUNG_RIGHT, LabelVolume
 from dicomnode.masks import lung_mask
@@ -78,9 +78,7 @@ def chest_phantom(seed: int) -> Volume:
     rng = np.random.default_rng(10_000 + seed)
     nz, n = int(rng.integers(44, 64)), 200
     sz, sxy = 5.0, float(rng.uniform(1.9, 2.3))
-    z, y, x = np.meshgrid(
-        np.arange(nz) * sz, (np.arange(n) - n / 2) * sxy, (np.arange(n) - n / 2) * sxy, indexing="ij"
-    )
+    z, y, x = np.meshgrid(np.arange(nz) * sz, (np.arange(n) - n / 2) * sxy, (np.arange(n) - n / 2) * sxy, indexing="ij")
     x = x - rng.uniform(-15, 15)
     y = y - rng.uniform(-15, 15)
     a, b = rng.uniform(140, 180), rng.uniform(95, 125)
@@ -101,9 +99,7 @@ def chest_phantom(seed: int) -> Volume:
         taper = np.sqrt(np.clip(1 - t**2, 0, 1)) * (z >= z_base) * (z <= z_apex)
         inside = ((x - cx) / (rx * taper + 1e-6)) ** 2 + ((y + 0.05 * b) / (ry * taper + 1e-6)) ** 2 <= 1
         lungs[inside] = value
-    heart = ((x - 0.2 * a) / (0.32 * a)) ** 2 + ((y + 0.2 * b) / (0.4 * b)) ** 2 + (
-        (z - z_base - 40) / 70
-    ) ** 2 <= 1
+    heart = ((x - 0.2 * a) / (0.32 * a)) ** 2 + ((y + 0.2 * b) / (0.4 * b)) ** 2 + ((z - z_base - 40) / 70) ** 2 <= 1
     lungs[heart] = 0
     hu[lungs > 0] = rng.uniform(-880, -800)
     hu[heart] = 45.0
@@ -111,9 +107,7 @@ def chest_phantom(seed: int) -> Volume:
     _airways(hu, x, y, z, b, z_apex, nz * sz)
     hu[(x / 16) ** 2 + ((y - 0.72 * b) / 16) ** 2 <= 1] = 700.0  # spine
     hu += rng.normal(0.0, rng.uniform(8, 30), hu.shape)
-    affine = np.array(
-        [[0, 0, sxy, -n / 2 * sxy], [0, sxy, 0, -n / 2 * sxy], [sz, 0, 0, -300.0], [0, 0, 0, 1]]
-    )
+    affine = np.array([[0, 0, sxy, -n / 2 * sxy], [0, sxy, 0, -n / 2 * sxy], [sz, 0, 0, -300.0], [0, 0, 0, 1]])
     return Volume(
         data=hu.astype(np.float32),
         affine=affine,
@@ -174,7 +168,8 @@ def to_classes(labels: npt.NDArray[np.uint8]) -> npt.NDArray[np.int64]:
 
 def make_sample(name: str, volume: Volume) -> Sample:
     """Image through the inference preprocessing; targets resampled the same way (one-hot, arg-max)."""
-    classes = torch.from_numpy(to_classes(classical_labels(volume).data))
+    labels = Orientation.of(volume.affine).apply(classical_labels(volume).data)  # as prepare() orients
+    classes = torch.from_numpy(to_classes(np.ascontiguousarray(labels)))
     image = prepare(volume, SPEC)
     onehot = F.one_hot(classes, SPEC.num_classes).permute(3, 0, 1, 2).float()[None]
     resized = F.interpolate(onehot, size=tuple(image.shape), mode="trilinear", align_corners=False)
@@ -188,9 +183,7 @@ def load_samples(indices: range, with_real: str | None) -> list[Sample]:
     return samples
 
 
-def random_batch(
-    samples: list[Sample], rng: np.random.Generator, size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def random_batch(samples: list[Sample], rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random crops of the patch size (padded with air where a series is smaller) with intensity jitter."""
     images, targets = [], []
     for _ in range(size):

@@ -24,7 +24,7 @@ from dicomnode.inference import (
     resolve_device,
 )
 from dicomnode.inference.loaders import DEFAULT_LUNG_UNET, load_unet, save_torchscript, save_unet_checkpoint
-from dicomnode.inference.spec import prepare, restore_labels
+from dicomnode.inference.spec import Orientation, prepare, restore_labels
 from dicomnode.inference.unet import UNet3D, UNetConfig
 from dicomnode.labels import LUNG_LEFT, LUNG_RIGHT
 from dicomnode.volume import Volume, load_series_dir
@@ -191,6 +191,17 @@ def test_spec_json_round_trip() -> None:
         PreprocessSpec.from_json('{"format": "other"}')
 
 
+def test_orientation_round_trip() -> None:
+    # array axes: 0 -> patient Left (+x), 1 -> Inferior (-z), 2 -> Posterior (+y)
+    affine = np.array([[3.0, 0, 0, 0], [0, 0, 1.0, 0], [0, -2.0, 0, 0], [0, 0, 0, 1]])
+    orientation = Orientation.of(affine)
+    assert orientation.perm == (1, 2, 0) and orientation.flip == (True, False, False)
+    assert orientation.spacing((3.0, 2.0, 1.0)) == (2.0, 1.0, 3.0)
+    array = np.arange(24).reshape(2, 3, 4)
+    assert orientation.apply(array).shape == (3, 4, 2)
+    assert np.array_equal(orientation.undo(orientation.apply(array)), array)
+
+
 @pytest.fixture(scope="module")
 def p01_labels() -> tuple[Volume, np.ndarray]:
     volume = load_series_dir(series_dir("P01"))
@@ -219,6 +230,20 @@ def test_shipped_lung_unet_puts_lungs_on_the_correct_side(p01_labels: tuple[Volu
         k, j, i = np.argwhere(predicted == info.value).mean(axis=0)
         centre_x[info.value] = float(volume.affine[0] @ np.array([k, j, i, 1.0]))  # LPS x: + is patient left
     assert centre_x[LUNG_RIGHT.value] < -40.0 < 40.0 < centre_x[LUNG_LEFT.value]
+
+
+@pytest.mark.slow
+def test_shipped_lung_unet_follows_the_patient_not_the_array(p01_labels: tuple[Volume, np.ndarray]) -> None:
+    """The same P01 stored with its columns reversed (x axis pointing to patient right) gets the same labels."""
+    volume, predicted = p01_labels
+    affine = volume.affine.copy()
+    affine[:3, 3] += affine[:3, 2] * (volume.shape[2] - 1)
+    affine[:3, 2] *= -1
+    mirrored = Volume(
+        np.ascontiguousarray(volume.data[:, :, ::-1]), affine, "CT", "HU", "2.25.1", "2.25.2", "2.25.3", (), (), ()
+    )
+    labels = UNetSegmenter(DEFAULT_LUNG_UNET, RunnerSettings(device="cpu")).segment(mirrored)
+    assert np.array_equal(labels.data[:, :, ::-1], predicted)
 
 
 DICE_THRESHOLD = 0.92  # measured on P01: right 0.963, left 0.947 (model card)

@@ -85,9 +85,7 @@ def load_unet(path: Path | None = None) -> LoadedModel:
     spec = PreprocessSpec.from_json(str(raw["spec"]))
     config = UNetConfig.from_dict(raw["arch"])
     if config.num_classes != spec.num_classes:
-        raise ModelLoadError(
-            f"{path}: {config.num_classes} classes in the network, {spec.num_classes} in the spec"
-        )
+        raise ModelLoadError(f"{path}: {config.num_classes} classes in the network, {spec.num_classes} in the spec")
     if any(p % (2**config.depth) for p in spec.patch_size):
         raise ModelLoadError(f"{path}: patch {spec.patch_size} not divisible by 2**{config.depth}")
     model = UNet3D(config)

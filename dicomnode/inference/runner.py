@@ -169,13 +169,9 @@ class ModelRunner:
         return F.pad(image, (0, pads[2], 0, pads[1], 0, pads[0]), value=self.pad_value)
 
     def _windows(self, shape: tuple[int, ...]) -> list[Window]:
-        starts = [
-            window_starts(s, p, self.settings.overlap) for s, p in zip(shape, self.patch_size, strict=True)
-        ]
+        starts = [window_starts(s, p, self.settings.overlap) for s, p in zip(shape, self.patch_size, strict=True)]
         pz, py, px = self.patch_size
-        return [
-            (slice(z, z + pz), slice(y, y + py), slice(x, x + px)) for z, y, x in itertools.product(*starts)
-        ]
+        return [(slice(z, z + pz), slice(y, y + py), slice(x, x + px)) for z, y, x in itertools.product(*starts)]
 
     def _batches(self, image: torch.Tensor, windows: list[Window]) -> Iterator[tuple[torch.Tensor, Window]]:
         """Yields (probabilities (C, pz, py, px) on the CPU, window) for every window, in order."""

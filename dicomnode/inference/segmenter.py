@@ -27,7 +27,7 @@ from dicomnode import labels as label_defs
 from dicomnode.errors import PipelineError
 from dicomnode.inference.loaders import LoadedModel, load_torchscript, load_unet
 from dicomnode.inference.runner import ModelRunner, RunnerSettings
-from dicomnode.inference.spec import PreprocessSpec, prepare, restore_labels
+from dicomnode.inference.spec import PreprocessSpec, prepare, restore
 from dicomnode.labels import LabelInfo, LabelVolume
 from dicomnode.volume import Volume
 
@@ -57,9 +57,7 @@ class Segmenter(Protocol):
 class ClassicalSegmenter:
     """A weight-free segmenter: a function of :mod:`dicomnode.masks`, named and versioned."""
 
-    def __init__(
-        self, name: str, function: Callable[[Volume], LabelVolume], version: str = CLASSICAL_VERSION
-    ):
+    def __init__(self, name: str, function: Callable[[Volume], LabelVolume], version: str = CLASSICAL_VERSION):
         self.name = name
         self.version = version
         self._function = function
@@ -120,7 +118,7 @@ class ModelSegmenter:
         except ValueError as error:
             raise PipelineError(f"{self.name}: {error}") from error
         probs = self.runner.predict(image)
-        classes = restore_labels(probs, volume.shape)
+        classes = restore(volume, probs)
         return LabelVolume(
             data=self._lut[classes],
             labels=self._labels,
@@ -146,9 +144,7 @@ class TorchScriptSegmenter(ModelSegmenter):
 SEGMENTER_KINDS = ("lung", "body", "brain", "lung-unet", "unet", "torchscript")
 
 
-def build_segmenter(
-    kind: str, model_path: Path | None = None, settings: RunnerSettings | None = None
-) -> Segmenter:
+def build_segmenter(kind: str, model_path: Path | None = None, settings: RunnerSettings | None = None) -> Segmenter:
     """Build a segmenter by kind: ``lung``/``body``/``brain`` (classical), ``lung-unet`` (shipped weights),
     ``unet`` (a checkpoint at ``model_path``), ``torchscript`` (an archive at ``model_path``)."""
     if kind == "lung":
@@ -162,11 +158,7 @@ def build_segmenter(
     if kind in ("unet", "torchscript"):
         if model_path is None:
             raise PipelineError(f"segmenter kind {kind!r} needs a model path")
-        return (
-            UNetSegmenter(model_path, settings)
-            if kind == "unet"
-            else TorchScriptSegmenter(model_path, settings)
-        )
+        return UNetSegmenter(model_path, settings) if kind == "unet" else TorchScriptSegmenter(model_path, settings)
     raise PipelineError(f"unknown segmenter kind {kind!r}; known: {', '.join(SEGMENTER_KINDS)}")
 
 

@@ -10,7 +10,9 @@ Normalisation (the seed tutorial 003 convention, "clip then min-max"): values (H
 Resampling: trilinear (``align_corners=False``, i.e. voxel centres of the first and last voxel are not pinned;
 the extent of the volume is kept) from the source spacing to ``target_spacing_mm``; the inverse maps class
 probabilities back to the exact source shape with the same interpolation, then takes the arg-max.
-All arrays are (z, y, x); spacings are in millimetres along (z, y, x).
+Orientation: the model sees every volume in one canonical orientation (:class:`Orientation`: axis 0 towards
+Superior, 1 Posterior, 2 patient Left, by exact transposes/flips), so left and right stay right whatever the
+series' storage order. All arrays are (z, y, x); spacings are in millimetres along (z, y, x).
 """
 
 from __future__ import annotations
@@ -125,11 +127,67 @@ def prepare_array(
     return out[0, 0].contiguous()
 
 
+@dataclass(frozen=True)
+class Orientation:
+    """How a volume's array axes map onto the canonical model orientation, and back.
+
+    Canonical: array axis 0 runs towards patient Superior (+z LPS), axis 1 towards Posterior (+y), axis 2
+    towards patient Left (+x), i.e. an axial head-first-supine-like stack as the training data. ``perm[i]`` is
+    the source axis that becomes canonical axis ``i`` (each source axis goes to the LPS axis it is most
+    parallel to), ``flip[i]`` whether it is reversed. Only transposes and flips: no interpolation, exact.
+    Without it a model would swap right and left on, say, a series stored with the x axis reversed.
+    """
+
+    perm: tuple[int, int, int]
+    flip: tuple[bool, bool, bool]
+
+    @classmethod
+    def of(cls, affine: npt.NDArray[np.float64]) -> Orientation:
+        direction = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+        lps_to_canonical = {2: 0, 1: 1, 0: 2}  # S -> axis 0, P -> axis 1, L -> axis 2
+        perm, flip = [0, 0, 0], [False, False, False]
+        used_axes: set[int] = set()
+        used_lps: set[int] = set()
+        order = sorted(((abs(direction[c, a]), c, a) for c in range(3) for a in range(3)), reverse=True)
+        for _, c, a in order:
+            if c in used_lps or a in used_axes:
+                continue
+            used_lps.add(c)
+            used_axes.add(a)
+            perm[lps_to_canonical[c]] = a
+            flip[lps_to_canonical[c]] = bool(direction[c, a] < 0)
+        return cls((perm[0], perm[1], perm[2]), (flip[0], flip[1], flip[2]))
+
+    def apply(self, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """Source (z, y, x) array -> canonical array (a view where possible)."""
+        out = np.transpose(array, self.perm)
+        return out[tuple(slice(None, None, -1) if f else slice(None) for f in self.flip)]
+
+    def undo(self, array: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """Canonical array -> source axes; the exact inverse of :meth:`apply`."""
+        out = array[tuple(slice(None, None, -1) if f else slice(None) for f in self.flip)]
+        return np.ascontiguousarray(np.transpose(out, np.argsort(self.perm)))
+
+    def spacing(self, spacing: tuple[float, float, float]) -> tuple[float, float, float]:
+        return (spacing[self.perm[0]], spacing[self.perm[1]], spacing[self.perm[2]])
+
+
 def prepare(volume: Volume, spec: PreprocessSpec) -> torch.Tensor:
-    """:func:`prepare_array` for a Volume (its data (z, y, x) and spacing in mm)."""
+    """Model input for a Volume: re-oriented to the canonical orientation (:class:`Orientation`), then
+    :func:`prepare_array` (normalised, resampled to the target spacing). Modality must match the spec."""
     if spec.modality and volume.modality != spec.modality:
         raise ValueError(f"model expects {spec.modality}, got {volume.modality}")
-    return prepare_array(volume.data, volume.spacing, spec)
+    orientation = Orientation.of(volume.affine)
+    return prepare_array(orientation.apply(volume.data), orientation.spacing(volume.spacing), spec)
+
+
+def restore(volume: Volume, probs: torch.Tensor) -> npt.NDArray[np.uint8]:
+    """Class indices (z, y, x) uint8 on the volume's own grid from probabilities (C, Z', Y', X') on the
+    model grid of :func:`prepare`: :func:`restore_labels`, then :meth:`Orientation.undo`."""
+    orientation = Orientation.of(volume.affine)
+    canonical = tuple(volume.shape[axis] for axis in orientation.perm)
+    classes = restore_labels(probs, (int(canonical[0]), int(canonical[1]), int(canonical[2])))
+    return np.asarray(orientation.undo(classes), dtype=np.uint8)
 
 
 def restore_labels(probs: torch.Tensor, shape: tuple[int, int, int], chunk: int = 8) -> npt.NDArray[np.uint8]:
