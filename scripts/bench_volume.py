@@ -1,6 +1,10 @@
 """Benchmark: load + HU of a generated 300x512x512 CT series vs a plain pydicom loop; torch vs scipy resample.
 
-    python scripts/bench_volume.py [--slices 300] [--repeat 2]
+    python scripts/bench_volume.py [--slices 300] [--repeat 7] [--only load|resample]
+    OPENBLAS_NUM_THREADS=1 python scripts/bench_volume.py   # one core against scipy's one core
+
+Every round runs each candidate once, back to back, and the ratios are medians over rounds, so that a load
+change on a shared machine hits both sides of a ratio alike.
 
 The series is written to a temporary folder with realistic CT headers (CT Image Storage, explicit VR little
 endian, 16-bit signed, slope 1, intercept -1024, 0.7 mm pixels, 1.25 mm slices, shuffled file names).
@@ -9,8 +13,10 @@ endian, 16-bit signed, slope 1, intercept -1024, 0.7 mm pixels, 1.25 mm slices, 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -70,39 +76,73 @@ def plain_loop(paths: list[Path]) -> np.ndarray:
     return stack * slopes + intercepts
 
 
-def best(fn: object, repeat: int) -> float:
-    times = []
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(candidates: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
+    """Run every candidate once per round, ``repeat`` rounds (plus one warm-up round, not counted), so that
+    each ratio compares runs taken moments apart on a machine whose load changes."""
+    for fn in candidates.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()  # type: ignore[operator]
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in candidates.items():
+            times[name].append(timed(fn))
+    return times
+
+
+def ratios(times: dict[str, list[float]], ours: str, other: str) -> tuple[float, float, float]:
+    """Median, min and max over rounds of time[ours] / time[other]."""
+    r = np.array(times[ours]) / np.array(times[other])
+    return float(np.median(r)), float(r.min()), float(r.max())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=7, help="rounds; ratios are medians over rounds")
+    parser.add_argument("--only", choices=["load", "resample"], help="run one benchmark")
     args = parser.parse_args()
+    rows: list[tuple[str, str, float, float, float, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_series(Path(tmp), args.slices)
         volume = load_series(paths)
         assert np.array_equal(volume.data, plain_loop(paths))
-        t_plain = best(lambda: plain_loop(paths), args.repeat)
-        t_ours = best(lambda: load_series(paths), args.repeat)
-    print(f"load+HU {volume.shape}: plain pydicom loop {t_plain:.2f} s, load_series {t_ours:.2f} s, "
-          f"ratio {t_ours / t_plain:.2f}x (target <= 1.0)")
-    data, affine = volume.data, volume.affine
+        if args.only != "resample":
+            t = interleaved({"plain": lambda: plain_loop(paths), "ours": lambda: load_series(paths)}, args.repeat)
+            med, lo, hi = ratios(t, "ours", "plain")
+            rows.append((f"load+HU {volume.shape}", "load_series / pydicom loop", float(np.median(t["ours"])),
+                         float(np.median(t["plain"])), med, f"{lo:.2f}-{hi:.2f}  (target <= 1.0)"))
+    if args.only != "load":
+        rows.extend(_resample_rows(volume.data, volume.affine, volume.spacing, args.repeat))
+    print(f"{'benchmark':<34} {'comparison':<34} {'ours s':>7} {'ref s':>7} {'ratio':>6}  range over "
+          f"{args.repeat} rounds")
+    for name, what, ours, ref, med, extra in rows:
+        print(f"{name:<34} {what:<34} {ours:7.3f} {ref:7.3f} {med:6.2f}  {extra}")
+
+
+def _resample_rows(data: np.ndarray, affine: np.ndarray, spacing: tuple[float, float, float], repeat: int,
+                   ) -> list[tuple[str, str, float, float, float, str]]:
     target = (1.0, 1.0, 1.0)
     out, new_affine = resample(data, affine, target, device="cpu")
     index_map = np.linalg.inv(affine) @ new_affine
-    t_torch = best(lambda: resample(data, affine, target, device="cpu"), args.repeat)
-    t_scipy = best(lambda: ndimage.affine_transform(data, index_map[:3, :3], index_map[:3, 3],
-                                                    output_shape=out.shape, order=1, mode="nearest"), 1)
-    t_zoom = best(lambda: ndimage.zoom(data, np.array(volume.spacing) / np.array(target), order=1), 1)
-    print(f"resample {data.shape} -> {out.shape} linear: torch {t_torch:.2f} s, scipy affine_transform "
-          f"{t_scipy:.2f} s ({t_scipy / t_torch:.1f}x), scipy zoom {t_zoom:.2f} s ({t_zoom / t_torch:.1f}x) "
-          "(target >= 4x)")
+    t = interleaved({
+        "torch": lambda: resample(data, affine, target, device="cpu"),
+        "affine": lambda: ndimage.affine_transform(data, index_map[:3, :3], index_map[:3, 3],
+                                                   output_shape=out.shape, order=1, mode="nearest"),
+        "zoom": lambda: ndimage.zoom(data, np.array(spacing) / np.array(target), order=1),
+    }, repeat)
+    name = f"resample {data.shape}->{out.shape}"
+    blas = os.environ.get("OPENBLAS_NUM_THREADS", "default")
+    rows = []
+    for ref, label in (("affine", "scipy affine_transform / torch"), ("zoom", "scipy zoom / torch")):
+        med, lo, hi = ratios(t, ref, "torch")
+        rows.append((name, label, float(np.median(t["torch"])), float(np.median(t[ref])), med,
+                     f"{lo:.2f}-{hi:.2f}  (target >= 4.0; BLAS threads {blas})"))
+    return rows
 
 
 if __name__ == "__main__":
