@@ -19,6 +19,7 @@ from collections.abc import Collection
 
 from pydicom.dataset import Dataset
 
+from dicomnode.encode.measure import measure_labels
 from dicomnode.encode.provenance import Provenance
 from dicomnode.encode.sc import make_overlays, make_summaries
 from dicomnode.encode.seg import make_seg
@@ -70,6 +71,9 @@ def build_outputs(volume: Volume, labels: LabelVolume, *, pipeline: str, series_
     ids = OutputIds(volume.series_instance_uid, pipeline, labels.algorithm_name, labels.algorithm_version,
                     series_number_base)
     description = series_description or pipeline
+    # counts, profiles and value sums of every label, measured once for the SR and all pictures
+    needs_measures = any(k != OutputKind.SEG for k in wanted) and labels.data.shape == volume.shape
+    measures = measure_labels(volume, labels) if needs_measures else None
     outputs: list[Dataset] = []
     seg = None
     if OutputKind.SEG in wanted:
@@ -77,14 +81,14 @@ def build_outputs(volume: Volume, labels: LabelVolume, *, pipeline: str, series_
         outputs.append(seg)
     if OutputKind.SR in wanted and seg is not None:
         outputs.append(make_sr(volume, labels, seg, ids=ids, prov=prov,
-                               series_description=f"{description} measurements"))
+                               series_description=f"{description} measurements", measures=measures))
     if OutputKind.SC_OVERLAY in wanted:
         outputs.extend(make_overlays(volume, labels, ids=ids, prov=prov, series_description=description,
-                                     every=overlay_every, max_count=overlay_max))
+                                     every=overlay_every, max_count=overlay_max, measures=measures))
     summaries = [k for k in wanted if k in (OutputKind.SC_PLANES, OutputKind.SC_SURFACE)]
     if summaries:
         outputs.extend(make_summaries(volume, labels, ids=ids, prov=prov, series_description=description,
-                                      kinds=summaries))
+                                      kinds=summaries, measures=measures))
     for ds in outputs:
         check_output(ds)
     return outputs

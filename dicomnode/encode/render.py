@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
 from scipy import ndimage
 
+from dicomnode.encode.measure import LabelMeasures, measure_labels
 from dicomnode.labels import LabelInfo, LabelVolume
 from dicomnode.volume import Volume
 
@@ -206,7 +207,7 @@ def axial_overlay(volume: Volume, labels: LabelVolume, k: int, *, title: str, si
                    (f"Window C {display_window(volume)[0]:g} W {display_window(volume)[1]:g}",))
 
 
-def _axis_map(direction: npt.NDArray[np.float64]) -> tuple[list[int], list[int]]:
+def axis_map(direction: npt.NDArray[np.float64]) -> tuple[list[int], list[int]]:
     """For canonical axes (S, P, L): the array axis shown along each, and its sign (+1 or -1)."""
     steps = [_dominant(direction, a) for a in range(3)]
     if sorted(s[0] for s in steps) != [0, 1, 2]:
@@ -222,45 +223,51 @@ def canonical(array: npt.NDArray[np.generic], direction: npt.NDArray[np.float64]
 
     Uses the nearest patient axis of each array axis (see module docstring). Returns a view, not a copy.
     """
-    order, signs = _axis_map(direction)
+    order, signs = axis_map(direction)
     out = np.transpose(array, order)
     flips = tuple(slice(None, None, -1) if sign < 0 else slice(None) for sign in signs)
     return out[flips], (spacing[order[0]], spacing[order[1]], spacing[order[2]])
 
 
-def _centre(volume: Volume, labels: LabelVolume) -> tuple[tuple[int, int, int], npt.NDArray[np.float64]]:
+def _centre(volume: Volume, labels: LabelVolume,
+            measures: LabelMeasures) -> tuple[tuple[int, int, int], npt.NDArray[np.float64]]:
     """Canonical (S, P, L) index of the cut planes and their LPS position in mm.
 
     Axial and coronal planes pass through the centre of mass of all labels; the sagittal plane through that
-    of the largest label (the midline of a paired organ would miss both halves).
+    of the largest label (the midline of a paired organ would miss both halves). Both centres come exactly
+    from the per-axis voxel-count profiles of ``measures``.
     """
     index = np.array(volume.shape, dtype=np.float64) / 2.0
-    if np.any(labels.data):
-        index = np.array(ndimage.center_of_mass(labels.data > 0))
-        counts = [(int(np.count_nonzero(labels.data == i.value)), i.value) for i in labels.labels]
-        largest = max(counts)[1]
-        order, _ = _axis_map(volume.direction)
-        index[order[2]] = ndimage.center_of_mass(labels.data == largest)[order[2]]
+    everything = measures.centre()
+    if everything is not None:
+        index = everything
+        largest = max(measures.labels, key=lambda item: (item.voxels, item.info.value))
+        order, _ = axis_map(volume.direction)
+        index[order[2]] = largest.centre()[order[2]]
     position = (volume.affine @ np.append(index, 1.0))[:3]
-    order, signs = _axis_map(volume.direction)
+    order, signs = axis_map(volume.direction)
     cidx = [index[a] if sign > 0 else volume.shape[a] - 1 - index[a]
             for a, sign in zip(order, signs, strict=True)]
     return (int(round(cidx[0])), int(round(cidx[1])), int(round(cidx[2]))), position
 
 
-def _plane_panels(gray3: npt.NDArray[np.uint8], lab3: npt.NDArray[np.uint8],
+def _plane_panels(values3: npt.NDArray[np.generic], lab3: npt.NDArray[np.uint8],
                   spacing: tuple[float, float, float], centre: tuple[int, int, int],
                   position: npt.NDArray[np.float64], infos: Sequence[LabelInfo],
-                  mm_per_px: float) -> list[RGB]:
-    """Axial, coronal and sagittal panels of canonical (S, P, L) arrays through ``centre``."""
+                  mm_per_px: float, window: tuple[float, float]) -> list[RGB]:
+    """Axial, coronal and sagittal panels of canonical (S, P, L) arrays through ``centre``.
+
+    ``values3`` holds the volume's values: only the three cut planes are windowed (with ``window``).
+    """
     s, p, lat = centre
     cuts = (
-        (2, gray3[s], lab3[s], (spacing[1], spacing[2]), position[2]),
-        (1, gray3[::-1, p, :], lab3[::-1, p, :], (spacing[0], spacing[2]), position[1]),
-        (0, gray3[::-1, :, lat], lab3[::-1, :, lat], (spacing[0], spacing[1]), position[0]),
+        (2, values3[s], lab3[s], (spacing[1], spacing[2]), position[2]),
+        (1, values3[::-1, p, :], lab3[::-1, p, :], (spacing[0], spacing[2]), position[1]),
+        (0, values3[::-1, :, lat], lab3[::-1, :, lat], (spacing[0], spacing[1]), position[0]),
     )
     panels = []
-    for normal, gray, lab, sp, offset in cuts:
+    for normal, values, lab, sp, offset in cuts:
+        gray = window_u8(np.asarray(values, dtype=np.float32), window)
         g = np.asarray(resize(gray, sp, mm_per_px, nearest=False), dtype=np.uint8)
         lb = np.asarray(resize(lab, sp, mm_per_px, nearest=True), dtype=np.uint8)
         title = f"{PLANE_NAMES[normal]}  {'LPS'[normal]} {offset:.1f} mm"
@@ -268,19 +275,22 @@ def _plane_panels(gray3: npt.NDArray[np.uint8], lab3: npt.NDArray[np.uint8],
     return panels
 
 
-def three_plane(volume: Volume, labels: LabelVolume, *, title: str, width_px: int = 1200) -> RGB:
-    """Axial, coronal and sagittal views through the centre of mass of all labels, side by side."""
-    gray = window_u8(volume.data, display_window(volume))
-    gray3, spacing = canonical(gray, volume.direction, volume.spacing)
+def three_plane(volume: Volume, labels: LabelVolume, *, title: str, width_px: int = 1200,
+                measures: LabelMeasures | None = None) -> RGB:
+    """Axial, coronal and sagittal views through the centre of mass of all labels, side by side.
+
+    ``measures`` (:func:`~dicomnode.encode.measure.measure_labels` of the same inputs) saves measuring again.
+    """
+    window = display_window(volume)
+    values3, spacing = canonical(volume.data, volume.direction, volume.spacing)
     lab3, _ = canonical(labels.data, volume.direction, volume.spacing)
-    centre, position = _centre(volume, labels)
+    centre, position = _centre(volume, labels, measures or measure_labels(volume, labels))
     extent = (lab3.shape[2] * spacing[2]) * 2 + lab3.shape[1] * spacing[1]  # axial + coronal + sagittal
     mm_per_px = extent / (width_px - 16)
-    panels = _plane_panels(np.asarray(gray3, dtype=np.uint8), np.asarray(lab3, dtype=np.uint8), spacing,
-                           centre, position, labels.labels, mm_per_px)
+    panels = _plane_panels(values3, np.asarray(lab3, dtype=np.uint8), spacing, centre, position,
+                           labels.labels, mm_per_px, window)
     return compose(hstack(panels), title, labels.labels,
-                   (f"Planes through the labels' centre; window C {display_window(volume)[0]:g} "
-                    f"W {display_window(volume)[1]:g}",))
+                   (f"Planes through the labels' centre; window C {window[0]:g} W {window[1]:g}",))
 
 
 def write_pngs(datasets: Sequence[object], folder: Path) -> list[Path]:

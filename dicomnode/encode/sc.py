@@ -22,6 +22,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicomnode.encode.measure import LabelMeasures, measure_labels
 from dicomnode.encode.provenance import (
     Provenance,
     contributing_equipment,
@@ -41,15 +42,20 @@ _DESCRIPTIONS = {
 }
 
 
-def overlay_slices(labels: LabelVolume, *, every: int = 4, max_count: int = 24) -> list[int]:
+def overlay_slices(labels: LabelVolume, *, every: int = 4, max_count: int = 24,
+                   measures: LabelMeasures | None = None) -> list[int]:
     """0-based slice indices to picture: every ``every``-th slice containing any label, at most ``max_count``.
 
     When more would qualify, ``max_count`` are spread evenly over the qualifying slices (first and last
-    kept). Raises ValueError for ``every`` < 1 or ``max_count`` < 1.
+    kept). With ``measures`` only described labels count (they are what the pictures show). Raises
+    ValueError for ``every`` < 1 or ``max_count`` < 1.
     """
     if every < 1 or max_count < 1:
         raise ValueError(f"every ({every}) and max_count ({max_count}) must be >= 1")
-    present = np.flatnonzero(labels.data.reshape(labels.data.shape[0], -1).any(axis=1))
+    if measures is not None:
+        present = measures.slices_with_labels()
+    else:
+        present = np.flatnonzero(labels.data.reshape(labels.data.shape[0], -1).any(axis=1))
     chosen = present[::every]
     if len(chosen) > max_count:
         picks = np.unique(np.round(np.linspace(0, len(chosen) - 1, max_count)).astype(int))
@@ -94,11 +100,12 @@ def make_sc(picture: RGB, ref: Dataset, *, ids: OutputIds, kind: OutputKind, ind
 
 
 def make_overlays(volume: Volume, labels: LabelVolume, *, ids: OutputIds, prov: Provenance,
-                  series_description: str, every: int = 4, max_count: int = 24) -> list[hd.sc.SCImage]:
+                  series_description: str, every: int = 4, max_count: int = 24,
+                  measures: LabelMeasures | None = None) -> list[hd.sc.SCImage]:
     """Windowed source slices with the labels drawn over, one SC each (see :func:`overlay_slices`)."""
     title = f"{series_description}: {prov.model_name} {prov.model_version}"
     out = []
-    for index, k in enumerate(overlay_slices(labels, every=every, max_count=max_count)):
+    for index, k in enumerate(overlay_slices(labels, every=every, max_count=max_count, measures=measures)):
         picture = axial_overlay(volume, labels, k, title=title)
         orientation = ("L", "P") if _is_axial(volume) else None
         out.append(make_sc(picture, volume.headers[0], ids=ids, kind=OutputKind.SC_OVERLAY, index=index,
@@ -108,15 +115,20 @@ def make_overlays(volume: Volume, labels: LabelVolume, *, ids: OutputIds, prov: 
 
 
 def make_summaries(volume: Volume, labels: LabelVolume, *, ids: OutputIds, prov: Provenance,
-                   series_description: str, kinds: Sequence[OutputKind]) -> list[hd.sc.SCImage]:
-    """The three-plane and/or 3D surface pictures, one SC series each, in the order of ``kinds``."""
+                   series_description: str, kinds: Sequence[OutputKind],
+                   measures: LabelMeasures | None = None) -> list[hd.sc.SCImage]:
+    """The three-plane and/or 3D surface pictures, one SC series each, in the order of ``kinds``.
+
+    ``measures``: :func:`~dicomnode.encode.measure.measure_labels` of the same inputs, computed when None.
+    """
     title = f"{series_description}: {prov.model_name} {prov.model_version}"
+    measures = measures or measure_labels(volume, labels)
     out = []
     for kind in kinds:
         if kind == OutputKind.SC_PLANES:
-            picture = three_plane(volume, labels, title=title)
+            picture = three_plane(volume, labels, title=title, measures=measures)
         elif kind == OutputKind.SC_SURFACE:
-            picture = surface_view(volume, labels, title=title)
+            picture = surface_view(volume, labels, title=title, measures=measures)
         else:
             raise ValueError(f"{kind} is not a summary picture kind")
         out.append(make_sc(picture, volume.headers[0], ids=ids, kind=kind, index=0, prov=prov,

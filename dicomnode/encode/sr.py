@@ -22,6 +22,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.sr.codedict import codes
 
+from dicomnode.encode.measure import LabelMeasures, measure_labels
 from dicomnode.encode.provenance import (
     MANUFACTURER,
     Provenance,
@@ -54,15 +55,19 @@ def voxel_volume_mm3(volume: Volume) -> float:
     return float(abs(np.linalg.det(volume.affine[:3, :3])))
 
 
-def segment_stats(volume: Volume, labels: LabelVolume) -> list[SegmentStats]:
-    """Per label, in segment order: voxel count, volume (mL) and mean value over the label's voxels."""
+def segment_stats(volume: Volume, labels: LabelVolume,
+                  measures: LabelMeasures | None = None) -> list[SegmentStats]:
+    """Per label, in segment order: voxel count, volume (mL) and mean value over the label's voxels.
+
+    ``measures`` (from :func:`~dicomnode.encode.measure.measure_labels` on the same inputs) saves
+    measuring again.
+    """
+    measures = measures or measure_labels(volume, labels)
     per_voxel = voxel_volume_mm3(volume)
     out = []
     for info in ordered_labels(labels):
-        mask = labels.data == info.value
-        count = int(np.count_nonzero(mask))
-        mean = float(volume.data[mask].mean(dtype=np.float64)) if count else None
-        out.append(SegmentStats(info, count, count * per_voxel / 1000.0, mean))
+        item = measures.of(info.value)
+        out.append(SegmentStats(info, item.voxels, item.voxels * per_voxel / 1000.0, item.mean))
     return out
 
 
@@ -95,12 +100,14 @@ def _group(seg: hd.seg.Segmentation, number: int, stats: SegmentStats, volume: V
 
 
 def make_sr(volume: Volume, labels: LabelVolume, seg: hd.seg.Segmentation, *, ids: OutputIds,
-            prov: Provenance, series_description: str) -> hd.sr.Comprehensive3DSR:
+            prov: Provenance, series_description: str,
+            measures: LabelMeasures | None = None) -> hd.sr.Comprehensive3DSR:
     """The measurement report of ``labels`` referencing ``seg`` (made by make_seg from the same labels).
 
-    Raises PipelineError when the SEG's segments do not match the labels one to one.
+    ``measures``: see :func:`segment_stats`. Raises PipelineError when the SEG's segments do not match the
+    labels one to one.
     """
-    stats = segment_stats(volume, labels)
+    stats = segment_stats(volume, labels, measures)
     if len(seg.SegmentSequence) != len(stats):
         raise PipelineError(f"SEG has {len(seg.SegmentSequence)} segments, labels {len(stats)}")
     observer = hd.sr.ObserverContext(

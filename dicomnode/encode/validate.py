@@ -11,7 +11,7 @@ validation set to RAISE, reads it back with reading validation set to RAISE, and
 - SC: the pixel data decode to (Rows, Columns, 3) and BurnedInAnnotation is YES.
 
 Any failure raises :class:`~dicomnode.errors.PipelineError` naming the object (class, SOP Instance UID)
-and the problem; nothing is returned on success.
+and the problem; on success the checked Part 10 bytes are returned (what a caller may write or send as is).
 """
 
 from __future__ import annotations
@@ -46,18 +46,27 @@ def _strict() -> Iterator[None]:
         settings.reading_validation_mode, settings.writing_validation_mode = old
 
 
-def round_trip(ds: Dataset) -> Dataset:
-    """``ds`` written as a Part 10 file and read back, both with strict validation (PipelineError if not)."""
+def encode_strict(ds: Dataset) -> tuple[bytes, Dataset]:
+    """``ds`` as Part 10 bytes and those bytes parsed back, both with strict validation (PipelineError if not).
+
+    The returned dataset is a fresh object owned by the caller (nothing is shared with ``ds``), so checks
+    may consume it without copying.
+    """
     buffer = BytesIO()
     try:
         with _strict():
             ds.save_as(buffer, enforce_file_format=True)
-            buffer.seek(0)
-            back = pydicom.dcmread(buffer)
+            encoded = buffer.getvalue()
+            back = pydicom.dcmread(BytesIO(encoded))
             back.decode()  # parse every element now, so invalid values raise here
     except Exception as exc:  # pydicom raises ValueError, KeyError, TypeError, InvalidDicomError, ...
         raise PipelineError(f"{_name(ds)}: does not survive a strict write/read: {exc}") from exc
-    return back
+    return encoded, back
+
+
+def round_trip(ds: Dataset) -> Dataset:
+    """``ds`` written as a Part 10 file and read back, both with strict validation (PipelineError if not)."""
+    return encode_strict(ds)[1]
 
 
 def _name(ds: Dataset) -> str:
@@ -81,7 +90,7 @@ def _check_identifiers(ds: Dataset) -> None:
 
 def _check_seg(ds: Dataset) -> None:
     try:
-        seg = hd.seg.Segmentation.from_dataset(ds, copy=True)
+        seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
         numbers = list(seg.get_segment_numbers())
         frames = [int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
                   for item in seg.PerFrameFunctionalGroupsSequence]
@@ -96,7 +105,7 @@ def _check_seg(ds: Dataset) -> None:
 
 def _check_sr(ds: Dataset) -> None:
     try:
-        sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=True)
+        sr = hd.sr.Comprehensive3DSR.from_dataset(ds, copy=False)
         template = sr.ContentTemplateSequence[0].TemplateIdentifier
     except Exception as exc:
         raise PipelineError(f"{_name(ds)}: highdicom cannot read the SR back: {exc}") from exc
@@ -115,9 +124,13 @@ def _check_sc(ds: Dataset) -> None:
         raise PipelineError(f"{_name(ds)}: SC pixels are {pixels.shape} {pixels.dtype}, not RGB uint8")
 
 
-def check_output(ds: Dataset) -> None:
-    """Raise PipelineError unless ``ds`` round-trips strictly and passes its kind's checks (module doc)."""
-    back = round_trip(ds)
+def check_output(ds: Dataset) -> bytes:
+    """The Part 10 bytes of ``ds``; PipelineError unless they read back strictly and pass the checks (module doc).
+
+    The checks run on the dataset parsed from the returned bytes (not on ``ds``), so what is checked is
+    exactly what would be sent; the parsed copy is consumed by the checks, ``ds`` is left untouched.
+    """
+    encoded, back = encode_strict(ds)
     _check_identifiers(back)
     sop_class = str(back.SOPClassUID)
     if sop_class == SEG_CLASS:
@@ -126,3 +139,4 @@ def check_output(ds: Dataset) -> None:
         _check_sr(back)
     elif sop_class == SecondaryCaptureImageStorage:
         _check_sc(back)
+    return encoded
