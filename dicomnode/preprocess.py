@@ -150,7 +150,7 @@ def _bands(coords: npt.NDArray[np.float64], size: int, block: int = 64) -> list[
     bands = []
     for start in range(0, len(coords), block):
         i = np.arange(start, min(start + block, len(coords)))
-        first, last = int(low[i[0]]), int(high[i[-1]]) + 1
+        first, last = int(low[i].min()), int(high[i].max()) + 1  # coordinates may run backwards (flips)
         weights = np.zeros((last - first, len(i)), dtype=np.float32)
         np.add.at(weights, (low[i] - first, i - start), 1 - frac[i])
         np.add.at(weights, (high[i] - first, i - start), frac[i])
@@ -173,12 +173,13 @@ def _linear_separable_cpu(array: FloatArray, coords: list[npt.NDArray[np.float64
     shrinks. Raises _NonFinite for data with NaN or infinity (checked slab by slab while the slab is in
     cache anyway), for which the caller takes the gather path.
     """
-    z_bands, y_bands, x_bands = (_bands(c, n) for c, n in zip(coords, array.shape, strict=True))
+    y_bands, x_bands = (_bands(c, n) for c, n in zip(coords[1:], array.shape[1:], strict=True))
+    z_bands = _bands(coords[0], array.shape[0], block=16)
     in_plane_first = z_bands is None or len(coords[0]) >= array.shape[0]
     if not (in_plane_first and (y_bands or x_bands)) and not np.isfinite(np.sum(array, dtype=np.float32)):
         raise _NonFinite()
     if in_plane_first:
-        return _slice_pass(_in_plane(array, y_bands, x_bands, chunk), z_bands)
+        return _in_plane_then_slices(array, z_bands, y_bands, x_bands, chunk)
     return _in_plane(_slice_pass(array, z_bands), y_bands, x_bands, chunk)
 
 
@@ -194,15 +195,39 @@ def _slice_pass(array: FloatArray, bands: list[_Band] | None) -> FloatArray:
     return out
 
 
+def _in_plane_then_slices(array: FloatArray, z_bands: list[_Band] | None, rows: list[_Band] | None,
+                          cols: list[_Band] | None, chunk: int) -> FloatArray:
+    """In-plane passes, then the slice pass, band of output slices by band: the in-plane results a band needs
+    go to a small buffer (slices shared with the previous band are copied over), never to a whole
+    intermediate volume."""
+    if z_bands is None or (rows is None and cols is None):
+        return _slice_pass(_in_plane(array, rows, cols, chunk), z_bands)
+    ny, nx = rows[-1].stop if rows is not None else array.shape[1], cols[-1].stop if cols is not None else \
+        array.shape[2]
+    out = np.empty((z_bands[-1].stop, ny, nx), dtype=np.float32)
+    depth = max(b.high - b.low for b in z_bands)
+    buffers = [np.empty((depth, ny, nx), dtype=np.float32) for _ in range(2)]
+    held, held_low, held_high = buffers[1][:0], 0, 0
+    for i, band in enumerate(z_bands):
+        stack = buffers[i % 2][: band.high - band.low]
+        reuse = max(0, min(held_high, band.high) - band.low) if held_low <= band.low else 0
+        stack[:reuse] = held[band.low - held_low: band.low - held_low + reuse]
+        _in_plane(array[band.low + reuse: band.high], rows, cols, chunk, out=stack[reuse:])
+        np.matmul(band.weights.T, stack.reshape(len(stack), -1),
+                  out=out[band.start: band.stop].reshape(band.stop - band.start, -1))
+        held, held_low, held_high = stack, band.low, band.high
+    return out
+
+
 def _in_plane(array: FloatArray, rows: list[_Band] | None, cols: list[_Band] | None, chunk: int,
-              ) -> FloatArray:
-    """Interpolate along axes 1 (rows) and 2 (columns), ``chunk`` slices at a time."""
+              out: FloatArray | None = None) -> FloatArray:
+    """Interpolate along axes 1 (rows) and 2 (columns), ``chunk`` slices at a time (into ``out`` if given)."""
     if rows is None and cols is None:
         return array
     n = array.shape[0]
     ny = rows[-1].stop if rows is not None else array.shape[1]
     nx = cols[-1].stop if cols is not None else array.shape[2]
-    out = np.empty((n, ny, nx), dtype=np.float32)
+    out = np.empty((n, ny, nx), dtype=np.float32) if out is None else out
     row_t = [np.ascontiguousarray(b.weights.T) for b in rows] if rows is not None else []
     buffer = np.empty((chunk, ny, array.shape[2]), dtype=np.float32)
     for start in range(0, n, chunk):

@@ -124,3 +124,17 @@ def test_cpu_linear_path_matches_scipy_and_keeps_nan_local() -> None:
     data[10, 30, 40] = np.nan
     ours, _ = resample(data, affine, (1.0, 1.0, 1.0), device="cpu")
     assert 0 < int(np.isnan(ours).sum()) <= 27
+
+
+def test_cpu_linear_path_with_flipped_axes_and_heavy_upsampling() -> None:
+    rng = np.random.default_rng(2)
+    data = rng.normal(0, 300, (9, 40, 50)).astype(np.float32)
+    affine = np.diag([3.0, 0.8, 0.8, 1.0])
+    flipped = affine @ np.array([[-1.0, 0, 0, 8], [0, 1, 0, 0], [0, 0, -1, 49], [0, 0, 0, 1]])
+    ours = resample_to(data, affine, data.shape, flipped, device="cpu")
+    assert np.array_equal(ours, data[::-1, :, ::-1])
+    fine, fine_affine = resample(data, affine, (0.25, 0.8, 0.8), device="cpu")
+    index_map = np.linalg.inv(affine) @ fine_affine
+    reference = ndimage.affine_transform(data, index_map[:3, :3], index_map[:3, 3], output_shape=fine.shape,
+                                         order=1, mode="nearest")
+    assert fine.shape[0] == 97 and np.abs(fine - reference).max() < 1e-2
