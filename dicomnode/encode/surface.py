@@ -9,6 +9,10 @@ centred at ``i * spacing``), and drawn with Gouraud-shaded headlight lighting in
 - anterior: the viewer faces the patient, patient Right on image left, head up;
 - left lateral: the viewer stands at the patient's left, Anterior on image left, head up.
 
+Back faces are culled before rasterizing: marching cubes' normals point out of the label, so a triangle whose
+vertex normals all point away from the viewer lies behind the front surface of a closed mesh (faces nearly
+edge-on are kept, so silhouettes stay whole). That halves the work and changes a handful of edge pixels.
+
 Both are true (not mirrored) views of the patient: image-right is ``forward x up`` in LPS.
 """
 
@@ -167,7 +171,8 @@ def _view_panel(meshes: list[tuple[LabelInfo, F64, npt.NDArray[np.int64], F64]],
         depth_cue = 1.0 - 0.35 * (d - d.min()) / max(float(np.ptp(d)), 1.0)
         shade = (0.18 + 0.82 * lambert ** 1.2) * depth_cue
         projected = np.stack([u / mm_per_px, v / mm_per_px, d], axis=1)
-        rasterize(projected[faces], shade[faces], np.asarray(info.color_rgb, dtype=np.float64), zbuf, image)
+        front = faces[normals[faces].sum(axis=1) @ eye >= -0.3]
+        rasterize(projected[front], shade[front], np.asarray(info.color_rgb, dtype=np.float64), zbuf, image)
     rgb = np.clip(image, 0, 255).astype(np.uint8)
     return Panel(rgb, f"3D surface, {view.lower()} view", edges)
 
