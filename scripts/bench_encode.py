@@ -6,7 +6,8 @@ The 300-slice series is P01 re-sliced by :func:`scripts.synthetic.resliced_ct` (
 missing). The lung masks (:func:`dicomnode.masks.lung_mask`, slow) are cached as ``.npy`` in ``--cache``
 keyed by the series' SeriesInstanceUID. Each kind is timed alone (``sr`` needs the SEG, so its row is
 ``seg+sr`` minus ``seg``); ``all`` is the default output set (seg, sr, sc) with overlay_every 4,
-overlay_max 24, as the example config ships. Times are the median of ``--repeat`` runs, in seconds.
+overlay_max 24, as the example config ships. Times are the median of ``--repeat`` runs, in seconds, wall and CPU
+(CPU time of this process: less sensitive to other load on a shared machine).
 ``--profile KIND`` prints a cProfile of one build of that kind on the 300-slice series instead.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import statistics
 import sys
@@ -52,13 +54,16 @@ def load(series: Path, cache: Path) -> tuple[Volume, LabelVolume]:
                                ALGORITHM_VERSION)
 
 
-def time_kinds(volume: Volume, labels: LabelVolume, kinds: Sequence[str], repeat: int) -> float:
-    runs = []
+def time_kinds(volume: Volume, labels: LabelVolume, kinds: Sequence[str],
+               repeat: int) -> tuple[float, float]:
+    """Median wall and median CPU seconds of ``repeat`` builds (CPU time is less hurt by a busy machine)."""
+    wall, cpu = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         build_outputs(volume, labels, kinds=kinds, **KW)  # type: ignore[arg-type]
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -79,16 +84,17 @@ def main(argv: Sequence[str]) -> int:
         profiler.runcall(build_outputs, volume, labels, kinds=ROWS[args.profile], **KW)
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(45)
         return 0
-    table: dict[str, dict[str, float]] = {}
+    table: dict[str, dict[str, tuple[float, float]]] = {}
     for name, (volume, labels) in inputs.items():
         build_outputs(volume, labels, kinds=("seg",), **KW)  # type: ignore[arg-type]  # warm imports
         table[name] = {row: time_kinds(volume, labels, kinds, args.repeat) for row, kinds in ROWS.items()}
-        table[name]["sr"] = table[name]["seg+sr"] - table[name]["seg"]
+        both, seg = table[name]["seg+sr"], table[name]["seg"]
+        table[name]["sr"] = (both[0] - seg[0], both[1] - seg[1])
     names = list(table)
-    print(f"build_outputs, median of {args.repeat} (s)")
-    print(f"{'kind':<12}" + "".join(f"{n:>12}" for n in names))
+    print(f"build_outputs, median of {args.repeat}: wall s / CPU s (load average {os.getloadavg()[0]:.1f})")
+    print(f"{'kind':<12}" + "".join(f"{n:>18}" for n in names))
     for row in ("seg", "sr", "sc-overlay", "sc-planes", "sc-surface", "all"):
-        print(f"{row:<12}" + "".join(f"{table[n][row]:>12.3f}" for n in names))
+        print(f"{row:<12}" + "".join(f"{table[n][row][0]:>10.3f} /{table[n][row][1]:>6.2f}" for n in names))
     return 0
 
 
