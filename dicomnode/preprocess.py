@@ -191,8 +191,13 @@ def _slice_pass(array: FloatArray, bands: list[_Band] | None) -> FloatArray:
     out = np.empty((bands[-1].stop,) + array.shape[1:], dtype=np.float32)
     flat_out = out.reshape(out.shape[0], -1)
     for band in bands:
-        np.matmul(band.weights.T, flat[band.low: band.high], out=flat_out[band.start: band.stop])
+        _mm(band.weights.T, flat[band.low: band.high], flat_out[band.start: band.stop])
     return out
+
+
+def _mm(a: FloatArray, b: FloatArray, out: FloatArray) -> None:
+    """out = a @ b on numpy views without copies, by torch's BLAS (threads: ``torch.set_num_threads``)."""
+    torch.mm(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
 
 
 def _in_plane_then_slices(array: FloatArray, z_bands: list[_Band] | None, rows: list[_Band] | None,
@@ -213,8 +218,8 @@ def _in_plane_then_slices(array: FloatArray, z_bands: list[_Band] | None, rows: 
         reuse = max(0, min(held_high, band.high) - band.low) if held_low <= band.low else 0
         stack[:reuse] = held[band.low - held_low: band.low - held_low + reuse]
         _in_plane(array[band.low + reuse: band.high], rows, cols, chunk, out=stack[reuse:])
-        np.matmul(band.weights.T, stack.reshape(len(stack), -1),
-                  out=out[band.start: band.stop].reshape(band.stop - band.start, -1))
+        _mm(band.weights.T, stack.reshape(len(stack), -1),
+            out[band.start: band.stop].reshape(band.stop - band.start, -1))
         held, held_low, held_high = stack, band.low, band.high
     return out
 
@@ -238,12 +243,13 @@ def _in_plane(array: FloatArray, rows: list[_Band] | None, cols: list[_Band] | N
         if rows is not None:
             target = buffer[: stop - start] if cols is not None else out[start:stop]
             for band, weights in zip(rows, row_t, strict=True):
-                np.matmul(weights, slab[:, band.low: band.high], out=target[:, band.start: band.stop])
+                for z in range(stop - start):
+                    _mm(weights, slab[z, band.low: band.high], target[z, band.start: band.stop])
             slab = target
         if cols is not None:
             flat, flat_out = slab.reshape(-1, slab.shape[2]), out[start:stop].reshape(-1, nx)
             for band in cols:
-                np.matmul(flat[:, band.low: band.high], band.weights, out=flat_out[:, band.start: band.stop])
+                _mm(flat[:, band.low: band.high], band.weights, flat_out[:, band.start: band.stop])
     return out
 
 
