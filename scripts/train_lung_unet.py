@@ -209,9 +209,9 @@ def _pad_to_patch(image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tens
     return F.pad(image, spec, value=SPEC.pad_value), F.pad(target, spec, value=0)
 
 
-def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy + soft Dice over the foreground classes."""
-    ce = F.cross_entropy(logits, target)
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (weighted per class) + soft Dice over the foreground classes."""
+    ce = F.cross_entropy(logits, target, weight=class_weights)
     probs = torch.softmax(logits, dim=1)[:, 1:]
     onehot = F.one_hot(target, SPEC.num_classes).permute(0, 4, 1, 2, 3).float()[:, 1:]
     inter = (probs * onehot).sum(dim=(0, 2, 3, 4))
@@ -220,17 +220,18 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ce + (1.0 - dice.mean())
 
 
-def train(samples: list[Sample], steps: int, seed: int, batch: int) -> UNet3D:
+def train(samples: list[Sample], steps: int, seed: int, batch: int, airway_weight: float) -> UNet3D:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = UNet3D(ARCH)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    weights = torch.tensor([1.0, 1.0, 1.0, airway_weight])
     model.train()
     started = time.monotonic()
     for step in range(steps):
         images, targets = random_batch(samples, rng, batch)
-        loss = loss_fn(model(images), targets)
+        loss = loss_fn(model(images), targets, weights)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         optimiser.step()
@@ -268,15 +269,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=20240917)
     parser.add_argument("--out", type=Path, default=DEFAULT_LUNG_UNET)
+    parser.add_argument("--airway-weight", type=float, default=1.0, help="cross-entropy weight of airways")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(2)
     started = time.monotonic()
     train_samples = load_samples(TRAIN_PHANTOMS, with_real="P12")
     log.info("training data ready: %d series (%.0f s)", len(train_samples), time.monotonic() - started)
-    model = train(train_samples, args.steps, args.seed, args.batch)
+    model = train(train_samples, args.steps, args.seed, args.batch, args.airway_weight)
     train_seconds = time.monotonic() - started
     version = f"1.0.0+seed{args.seed}.steps{args.steps}"
+    if args.airway_weight != 1.0:
+        version += f".aw{args.airway_weight:g}"
     save_unet_checkpoint(args.out, model, SPEC, name="dicomnode-lung-unet", version=version)
     segmenter = UNetSegmenter(args.out, RunnerSettings(device="cpu"))
     val = evaluate(segmenter, [(f"val_phantom{i}", chest_phantom(seed=i)) for i in VAL_PHANTOMS])
