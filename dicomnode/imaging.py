@@ -13,14 +13,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
 from dicomnode import metrics
 from dicomnode.config import Config, PipelineConfig
-from dicomnode.encode import build_outputs
+from dicomnode.encode import build_encoded_outputs
 from dicomnode.inference.runner import RunnerSettings
 from dicomnode.inference.segmenter import SegmenterCache
 from dicomnode.jobs import OutboundFile
@@ -60,8 +59,9 @@ class Segmenters:
 
 
 def make_outputs(files: Sequence[Path], pipe: PipelineConfig, segmenters: Segmenters,
-                 progress: Progress | None = None) -> tuple[list[Dataset], StageTimes, tuple[str, ...]]:
-    """Run a segment pipeline on a series' files: (derived objects, stage times, volume notes).
+                 progress: Progress | None = None) -> tuple[list[tuple[Dataset, bytes]], StageTimes, tuple[str, ...]]:
+    """Run a segment pipeline on a series' files: (derived objects with their checked bytes, stage times,
+    volume notes).
 
     Raises VolumeError (final) when the files cannot form a volume, PipelineError for model or encoder
     failures; both carry a message fit for the job's FAILED reason.
@@ -78,9 +78,9 @@ def make_outputs(files: Sequence[Path], pipe: PipelineConfig, segmenters: Segmen
     t2 = time.monotonic()
     report("encode", 0.7)
     out = pipe.outputs
-    datasets = build_outputs(volume, labels, pipeline=pipe.name, series_number_base=out.series_number_base,
-                             kinds=out.kinds, overlay_every=out.overlay_every, overlay_max=out.overlay_max,
-                             series_description=out.series_description)
+    datasets = build_encoded_outputs(volume, labels, pipeline=pipe.name, series_number_base=out.series_number_base,
+                                     kinds=out.kinds, overlay_every=out.overlay_every, overlay_max=out.overlay_max,
+                                     series_description=out.series_description)
     t3 = time.monotonic()
     report("done", 1.0)
     times = StageTimes(t1 - t0, t2 - t1, t3 - t2)
@@ -89,18 +89,11 @@ def make_outputs(files: Sequence[Path], pipe: PipelineConfig, segmenters: Segmen
     return datasets, times, volume.notes
 
 
-def encode_file(ds: Dataset) -> bytes:
-    """The object as a DICOM Part 10 file (preamble, file meta, data set)."""
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def write_outbox(outbox: Spool, datasets: Sequence[Dataset]) -> list[OutboundFile]:
-    """Durably write objects to the outbox; return them as deliverable files, in the given order."""
+def write_outbox(outbox: Spool, outputs: Sequence[tuple[Dataset, bytes]]) -> list[OutboundFile]:
+    """Durably write objects (with their checked bytes) to the outbox; return them as deliverable files."""
     files = []
-    for ds in datasets:
-        written = outbox.write(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), encode_file(ds))
+    for ds, data in outputs:
+        written = outbox.write(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), data)
         files.append(OutboundFile(str(written.path), str(ds.SOPInstanceUID), str(ds.SOPClassUID),
                                   str(ds.file_meta.TransferSyntaxUID)))
     return files

@@ -13,7 +13,7 @@ from pathlib import Path
 from dicomnode.config import Config
 from dicomnode.errors import PipelineError
 from dicomnode.files import find_dicom_files
-from dicomnode.imaging import Progress, Segmenters, encode_file, make_outputs
+from dicomnode.imaging import Progress, Segmenters, make_outputs
 
 
 def process_series(series_dir: Path, pipeline: str, out: Path, cfg: Config,
@@ -29,10 +29,10 @@ def process_series(series_dir: Path, pipeline: str, out: Path, cfg: Config,
         for path in files:
             copies.append(Path(shutil.copy2(path, out / path.name)))
         return copies
-    datasets, _, _ = make_outputs(files, pipe, Segmenters(cfg), progress)
+    outputs, _, _ = make_outputs(files, pipe, Segmenters(cfg), progress)
     written = []
-    for ds in datasets:
+    for ds, data in outputs:
         path = out / f"{ds.Modality}_{ds.SeriesNumber}_{int(ds.InstanceNumber):03d}.dcm"
-        path.write_bytes(encode_file(ds))
+        path.write_bytes(data)
         written.append(path)
     return written

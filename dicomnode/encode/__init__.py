@@ -16,6 +16,7 @@ SC 3D surface 4.
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import Any
 
 from pydicom.dataset import Dataset
 
@@ -30,7 +31,10 @@ from dicomnode.errors import PipelineError
 from dicomnode.labels import LabelVolume
 from dicomnode.volume import Volume
 
-__all__ = ["KINDS", "OutputIds", "OutputKind", "Provenance", "build_outputs", "check_output", "derive_uid"]
+__all__ = [
+    "KINDS", "OutputIds", "OutputKind", "Provenance", "build_encoded_outputs", "build_outputs", "check_output",
+    "derive_uid",
+]
 
 #: Accepted values of ``kinds``; "sc" means all three picture kinds.
 KINDS = ("seg", "sr", "sc", "sc-overlay", "sc-planes", "sc-surface")
@@ -50,12 +54,19 @@ def resolve_kinds(kinds: Collection[str]) -> list[OutputKind]:
     return [k for k in _ORDER if k in wanted]
 
 
-def build_outputs(volume: Volume, labels: LabelVolume, *, pipeline: str, series_number_base: int,
-                  kinds: Collection[str] = ("seg", "sc", "sr"), overlay_every: int = 4, overlay_max: int = 24,
-                  series_description: str | None = None, algorithm_family: str = "ArtificialIntelligence",
-                  device_serial_number: str = "dicomnode",
-                  institution_name: str | None = None) -> list[Dataset]:
-    """All derived objects of ``labels`` on ``volume``, checked, in a deterministic order.
+def build_outputs(volume: Volume, labels: LabelVolume, **options: Any) -> list[Dataset]:
+    """The checked derived objects of :func:`build_encoded_outputs`, as datasets."""
+    return [ds for ds, _ in build_encoded_outputs(volume, labels, **options)]
+
+
+def build_encoded_outputs(volume: Volume, labels: LabelVolume, *, pipeline: str, series_number_base: int,
+                          kinds: Collection[str] = ("seg", "sc", "sr"), overlay_every: int = 4,
+                          overlay_max: int = 24, series_description: str | None = None,
+                          algorithm_family: str = "ArtificialIntelligence", device_serial_number: str = "dicomnode",
+                          institution_name: str | None = None) -> list[tuple[Dataset, bytes]]:
+    """All derived objects of ``labels`` on ``volume`` with their checked Part 10 bytes, in a deterministic order.
+
+    The bytes are exactly what :func:`check_output` read back and verified: write those, not a new encoding.
 
     Order: SEG, SR, overlay SCs (increasing slice), three-plane SC, 3D surface SC (only the kinds asked
     for). ``overlay_every``: picture every n-th slice that contains a label, at most ``overlay_max`` of them.
@@ -89,6 +100,4 @@ def build_outputs(volume: Volume, labels: LabelVolume, *, pipeline: str, series_
     if summaries:
         outputs.extend(make_summaries(volume, labels, ids=ids, prov=prov, series_description=description,
                                       kinds=summaries, measures=measures))
-    for ds in outputs:
-        check_output(ds)
-    return outputs
+    return [(ds, check_output(ds)) for ds in outputs]
