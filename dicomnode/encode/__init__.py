@@ -15,9 +15,11 @@ SC 3D surface 4.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Collection
 from typing import Any
 
+import numpy as np
 from pydicom.dataset import Dataset
 
 from dicomnode.encode.measure import measure_labels
@@ -54,6 +56,19 @@ def resolve_kinds(kinds: Collection[str]) -> list[OutputKind]:
     return [k for k in _ORDER if k in wanted]
 
 
+def present_labels(labels: LabelVolume) -> LabelVolume:
+    """``labels`` without the label values that mark no voxel (a segment must have frames, and the SR can only
+    reference segments that exist). PipelineError when no label marks anything: there is nothing to encode."""
+    counts = np.bincount(labels.data.ravel(), minlength=max((i.value for i in labels.labels), default=0) + 1)
+    kept = tuple(i for i in labels.labels if counts[i.value] > 0)
+    if not kept:
+        names = ", ".join(i.name for i in labels.labels) or "no labels"
+        raise PipelineError(f"the segmenter found nothing to report ({names}: all empty)")
+    if len(kept) == len(labels.labels):
+        return labels
+    return dataclasses.replace(labels, labels=kept)
+
+
 def build_outputs(volume: Volume, labels: LabelVolume, **options: Any) -> list[Dataset]:
     """The checked derived objects of :func:`build_encoded_outputs`, as datasets."""
     return [ds for ds, _ in build_encoded_outputs(volume, labels, **options)]
@@ -75,6 +90,7 @@ def build_encoded_outputs(volume: Volume, labels: LabelVolume, *, pipeline: str,
     Raises PipelineError when an object cannot be built or fails its read-back check.
     """
     wanted = resolve_kinds(kinds)
+    labels = present_labels(labels)
     prov = Provenance(pipeline=pipeline, model_name=labels.algorithm_name,
                       model_version=labels.algorithm_version, device_serial_number=device_serial_number,
                       algorithm_family=algorithm_family,
