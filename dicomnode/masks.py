@@ -191,13 +191,11 @@ def _airways(air: BoolArray, mids: npt.NDArray[np.float64], pixel_mm: float) -> 
         ok = (sizes > 0) & (sizes <= 400.0 / (pixel_mm * pixel_mm)) \
             & (np.abs(centre - mids[slice_of]) * pixel_mm < 25.0)
     small = ok[labelled]
-    candidates = np.flatnonzero(small.any(axis=(1, 2)))
-    if candidates.size == 0:
-        return small
     box = _box(small, margin=0)
-    assert box is not None
+    if box is None:
+        return small
     labelled, sizes = _components(small[box])
-    top = labelled[candidates[-1] - int(box[0].start)]  # the most superior slice with a candidate
+    top = labelled[-1]  # the most superior slice with a candidate: the last of the box
     seeds = np.zeros(sizes.size, dtype=bool)
     seeds[top[top > 0]] = True
     airways = np.zeros_like(small)
