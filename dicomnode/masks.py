@@ -28,7 +28,7 @@ from scipy import ndimage
 from dicomnode.labels import AIRWAYS, BODY, BRAIN, LUNG_LEFT, LUNG_RIGHT, LabelVolume
 from dicomnode.volume import Volume
 
-ALGORITHM_VERSION = "1.0"
+ALGORITHM_VERSION = "1.1"  # 1.1: faster left/right split, may differ from 1.0 at the lungs' contact line
 BoolArray = npt.NDArray[np.bool_]
 Box = tuple[slice, slice, slice]
 

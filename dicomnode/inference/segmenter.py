@@ -24,6 +24,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from dicomnode import labels as label_defs
+from dicomnode import masks
 from dicomnode.errors import PipelineError
 from dicomnode.inference.loaders import LoadedModel, load_torchscript, load_unet
 from dicomnode.inference.runner import ModelRunner, RunnerSettings
@@ -31,7 +32,6 @@ from dicomnode.inference.spec import PreprocessSpec, prepare, restore
 from dicomnode.labels import LabelInfo, LabelVolume
 from dicomnode.volume import Volume
 
-CLASSICAL_VERSION = "1.0"
 _KNOWN_LABELS: dict[str, LabelInfo] = {
     info.name: info
     for info in (
@@ -57,7 +57,7 @@ class Segmenter(Protocol):
 class ClassicalSegmenter:
     """A weight-free segmenter: a function of :mod:`dicomnode.masks`, named and versioned."""
 
-    def __init__(self, name: str, function: Callable[[Volume], LabelVolume], version: str = CLASSICAL_VERSION):
+    def __init__(self, name: str, function: Callable[[Volume], LabelVolume], version: str = masks.ALGORITHM_VERSION):
         self.name = name
         self.version = version
         self._function = function
@@ -71,21 +71,15 @@ class ClassicalSegmenter:
     @classmethod
     def lung(cls) -> ClassicalSegmenter:
         """Right lung 1, left lung 2 (and airways 3 where found) by thresholding: CT only."""
-        from dicomnode.masks import lung_mask
-
-        return cls("dicomnode-lung-threshold", lung_mask)
+        return cls("dicomnode-classical-lung", masks.lung_mask)
 
     @classmethod
     def body(cls) -> ClassicalSegmenter:
-        from dicomnode.masks import body_mask
-
-        return cls("dicomnode-body-threshold", body_mask)
+        return cls("dicomnode-classical-body", masks.body_mask)
 
     @classmethod
     def brain(cls) -> ClassicalSegmenter:
-        from dicomnode.masks import brain_mask
-
-        return cls("dicomnode-brain-threshold", brain_mask)
+        return cls("dicomnode-classical-brain", masks.brain_mask)
 
 
 def label_infos(spec: PreprocessSpec) -> tuple[LabelInfo, ...]:
