@@ -59,8 +59,7 @@ def resolve_kinds(kinds: Collection[str]) -> list[OutputKind]:
 def present_labels(labels: LabelVolume) -> LabelVolume:
     """``labels`` without the label values that mark no voxel (a segment must have frames, and the SR can only
     reference segments that exist). PipelineError when no label marks anything: there is nothing to encode."""
-    counts = np.bincount(labels.data.ravel(), minlength=max((i.value for i in labels.labels), default=0) + 1)
-    kept = tuple(i for i in labels.labels if counts[i.value] > 0)
+    kept = tuple(i for i in labels.labels if np.any(labels.data == i.value))
     if not kept:
         names = ", ".join(i.name for i in labels.labels) or "no labels"
         raise PipelineError(f"the segmenter found nothing to report ({names}: all empty)")
