@@ -141,6 +141,10 @@ def test_sr_volumes_and_means_match_the_mask(outputs: list[Dataset], p01: tuple[
         ref = next(c for c in group.ContentSequence if c.ValueType == "IMAGE")
         assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
         assert ref.ReferencedSOPSequence[0].ReferencedSegmentNumber == number
+        # TID 1411 "Source series for segmentation" (the SEG's frames name their exact source slices)
+        (series,) = [c for c in group.ContentSequence if c.ValueType == "UIDREF"
+                     and c.ConceptNameCodeSequence[0].CodeValue == "121232"]
+        assert series.UID == volume.series_instance_uid
 
 
 def test_uids_are_deterministic_and_pipeline_scoped(outputs: list[Dataset],

@@ -3,7 +3,10 @@
 Contract of :func:`make_sr`:
 
 - One TID 1411 Volumetric ROI group per segment of the given SEG, each referencing that segment
-  (``ReferencedSegment.from_segmentation``: SEG SOP instance, segment number and its source images), with
+  (SEG SOP instance and segment number) and the source series (TID 1411 "Source series for segmentation",
+  the standard's alternative to listing every source image: the SEG's frames already name their exact source
+  slices in DerivationImageSequence, so repeating them per segment - 3 x 300 content items for a 300-slice
+  lung series - added nothing but build and check time), with
   tracking identifier and UID equal to the segment's TrackingID/TrackingUID, finding type = the segment's
   property type, finding site with laterality, and the algorithm identification.
 - Measurements per segment: Volume (SCT 118565006) in millilitres, UCUM ``ml``, = voxel count x voxel
@@ -90,7 +93,9 @@ def _group(seg: hd.seg.Segmentation, number: int, stats: SegmentStats, volume: V
     )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=item.TrackingUID, identifier=item.TrackingID),
-        referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=number),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=number,
+            source_series=hd.sr.SourceSeriesForSegmentation(volume.series_instance_uid)),
         finding_type=hd.sr.CodedConcept(info.type.value, info.type.scheme, info.type.meaning),
         finding_category=hd.sr.CodedConcept(info.category.value, info.category.scheme, info.category.meaning),
         finding_sites=[site],
