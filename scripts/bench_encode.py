@@ -17,9 +17,7 @@ import argparse
 import cProfile
 import os
 import pstats
-import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from dicomnode.encode import build_outputs  # noqa: E402
 from dicomnode.labels import AIRWAYS, LUNG_LEFT, LUNG_RIGHT, LabelVolume  # noqa: E402
 from dicomnode.masks import ALGORITHM_VERSION, lung_mask  # noqa: E402
 from dicomnode.volume import Volume, load_series_dir  # noqa: E402
+from scripts.timing import median_times  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 KW = {"pipeline": "lung", "series_number_base": 9000, "overlay_every": 4, "overlay_max": 24,
@@ -56,14 +55,8 @@ def load(series: Path, cache: Path) -> tuple[Volume, LabelVolume]:
 
 def time_kinds(volume: Volume, labels: LabelVolume, kinds: Sequence[str],
                repeat: int) -> tuple[float, float]:
-    """Median wall and median CPU seconds of ``repeat`` builds (CPU time is less hurt by a busy machine)."""
-    wall, cpu = [], []
-    for _ in range(repeat):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        build_outputs(volume, labels, kinds=kinds, **KW)  # type: ignore[arg-type]
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
+    """Median wall and median CPU seconds of ``repeat`` builds."""
+    return median_times(lambda: build_outputs(volume, labels, kinds=kinds, **KW), repeat)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dicomnode.labels import LabelVolume  # noqa: E402
 from dicomnode.masks import body_mask, brain_mask, lung_mask  # noqa: E402
 from dicomnode.volume import Volume, load_series_dir  # noqa: E402
+from scripts.timing import median_times  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MASKS: dict[str, Callable[[Volume], LabelVolume]] = {
@@ -31,13 +30,7 @@ MASKS: dict[str, Callable[[Volume], LabelVolume]] = {
 
 def time_mask(function: Callable[[Volume], LabelVolume], volume: Volume, repeat: int) -> tuple[float, float]:
     """Median wall and median CPU seconds of ``repeat`` calls."""
-    wall, cpu = [], []
-    for _ in range(repeat):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        function(volume)
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
+    return median_times(lambda: function(volume), repeat)
 
 
 def main(argv: Sequence[str]) -> int:
