@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from dicomnode.errors import VolumeError
+from dicomnode.files import is_dicom_file
 from dicomnode.frames import Frame, SliceSource, frames_of, functional_group
 from dicomnode.geometry import Tolerances, regularise, stack_geometry
 from dicomnode.pixels import AIR_HU, OUTSIDE_SCAN_HU, SourceFile, decode_stack, fill_value, read_all
@@ -101,7 +102,7 @@ class VolumeOptions:
 
 def load_series_dir(folder: Path, options: VolumeOptions = VolumeOptions()) -> Volume:
     """Load every DICOM file (recognised by its 'DICM' preamble, not its name) in ``folder`` as one volume."""
-    paths = [p for p in sorted(Path(folder).iterdir()) if p.is_file() and _is_dicom_file(p)]
+    paths = [p for p in sorted(Path(folder).iterdir()) if p.is_file() and is_dicom_file(p)]
     if not paths:
         raise VolumeError(f"no DICOM files in {folder}")
     return load_series(paths, options=options)
@@ -151,12 +152,6 @@ def load_series(paths: Sequence[Path], *, options: VolumeOptions = VolumeOptions
         window=_window(first),
         notes=tuple(notes + unit_notes),
     )
-
-
-def _is_dicom_file(path: Path) -> bool:
-    with path.open("rb") as fh:
-        head = fh.read(132)
-    return len(head) == 132 and head[128:] == b"DICM"
 
 
 def _check_same_series(files: Sequence[SourceFile]) -> None:
