@@ -19,7 +19,15 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # Python: a project virtualenv; the CPU build of torch first (an unpinned torch pulls several GB of CUDA).
-[ -x .venv/bin/python ] || python3 -m venv .venv
+if [ ! -x .venv/bin/python ]; then
+  # Debian's system Python needs python3-venv for this; install it when it is missing.
+  python3 -m venv .venv 2>/dev/null || {
+    rm -rf .venv
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv
+    python3 -m venv .venv
+  }
+fi
 PY=.venv/bin/python
 $PY -m pip install -q --upgrade pip
 $PY -m pip install -q "torch==2.13.0"
