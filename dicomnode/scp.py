@@ -3,8 +3,9 @@
 Handlers only persist and answer; nothing here decodes pixels or processes images. Statuses (PS3.4 B.2.3):
 
 - ``0x0000`` Success: only once the file and its folder are fsynced and the instance is recorded.
-- ``0xA700`` Refused, out of resources: free space under ``storage.min_free_mb``, the disk filled while
-  writing, or the state store was unavailable. Nothing is stored; the sender may retry.
+- ``0xA700`` Refused, out of resources: free space under ``storage.min_free_mb`` or the disk filled while
+  writing (nothing is stored), or the state store was unavailable (the complete file stays in the spool and
+  start-up recovery records it). The sender may retry; a repeated instance counts once.
 - ``0xA900`` Error, data set does not match SOP class: the data set's SOP Class/Instance UID disagree with the
   C-STORE request.
 - ``0xC000`` Error, cannot understand: the data set cannot be parsed or lacks Study/Series/SOP Instance UIDs.
@@ -35,7 +36,6 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode import metrics
 from dicomnode.config import Config, TlsConfig
-from dicomnode.errors import StoreError
 from dicomnode.spool import OutOfSpace, Spool, is_valid_uid
 from dicomnode.store import InstanceMeta, RecordOutcome, Store
 
@@ -163,8 +163,9 @@ def handle_store(event: evt.Event, ctx: ReceiveContext) -> int:
         outcome, moved = ctx.store.record_instance(
             meta, spooled.path, spooled.size, now=time.time(),
             reprocess_late=ctx.config.completion.on_late_instance.value == "reprocess")
-    except (StoreError, OSError, Exception) as exc:  # never answer success without a row
-        spooled.path.unlink(missing_ok=True)
+    except Exception as exc:  # never answer success without a row
+        # The file stays: it is complete and durable (it may be the replacement of an earlier acknowledged
+        # copy under the same name), and start-up recovery records any spool file that has no row.
         log.error("C-STORE from %s refused with 0xA700: state store unavailable: %s", peer, exc)
         metrics.rejection("status:0xA700")
         return OUT_OF_RESOURCES
