@@ -44,12 +44,20 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 log = logging.getLogger(__name__)
 _metrics: dict[str, Any] = {}
+_metrics_lock = threading.Lock()  # association threads race to the first use
 
 
 def _get() -> dict[str, Any]:
     """The process' metric objects, created on first use (after PROMETHEUS_MULTIPROC_DIR is in place)."""
     if _metrics:
         return _metrics
+    with _metrics_lock:
+        if not _metrics:
+            _create()
+    return _metrics
+
+
+def _create() -> None:
     from prometheus_client import Counter, Gauge, Histogram
 
     _metrics.update(
@@ -66,7 +74,6 @@ def _get() -> dict[str, Any]:
         gpu=Gauge("dicomnode_gpu_memory_bytes", "CUDA memory of a worker process (torch allocator)", ["kind"],
                   multiprocess_mode="liveall"),
     )
-    return _metrics
 
 
 # ----------------------------------------------------------------------------------------- recording

@@ -1,19 +1,27 @@
 """The Storage SCP: accept associations, persist each instance durably, answer a named DIMSE status.
 
-Handlers only persist and answer; nothing here decodes pixels or processes images. Statuses (PS3.4 B.2.3):
+Handlers only persist and answer; nothing here decodes pixels or processes images. The protocol (association
+negotiation, P-DATA, DIMSE command sets) is :mod:`dicomnode.ul`; this module decides what happens to a data set.
+It streams into a spool incoming file as it arrives, and once complete:
 
 - ``0x0000`` Success: only once the file and its folder are fsynced and the instance is recorded.
 - ``0xA700`` Refused, out of resources: free space under ``storage.min_free_mb`` or the disk filled while
   writing (nothing is stored), or the state store was unavailable (the complete file stays in the spool and
   start-up recovery records it). The sender may retry; a repeated instance counts once.
 - ``0xA900`` Error, data set does not match SOP class: the data set's SOP Class/Instance UID disagree with the
-  C-STORE request.
+  C-STORE request, or an image lacks (some of) its pixel data.
 - ``0xC000`` Error, cannot understand: the data set cannot be parsed or lacks Study/Series/SOP Instance UIDs.
+
+Failures carry an Error Comment (0000,0902) that says why, and the same reason goes to the log.
+
+The stored file is the data set exactly as received, behind a Part 10 preamble and file meta group built from
+the C-STORE request and its presentation context (Media Storage SOP Class/Instance, Transfer Syntax, Source AE).
 
 Network details: TCP_NODELAY on every accepted socket (Nagle costs ~45 ms per instance on loopback),
 SO_REUSEPORT so several receiver processes can share one port, an optional peer host allow-list checked at
-connection time, and the calling AE allow-list enforced by pynetdicom with the standard A-ASSOCIATE-RJ reason
-(rejected-permanent, service-user, calling-AE-title-not-recognized).
+connection time, TLS (the handshake runs in the connection's own thread, bounded by ``node.acse_timeout``), and
+the calling AE allow-list with the standard A-ASSOCIATE-RJ reason (rejected-permanent, service-user,
+calling-AE-title-not-recognized).
 """
 
 from __future__ import annotations
@@ -21,23 +29,34 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import socketserver
 import ssl
+import struct
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, cast
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
-from pynetdicom.ae import ApplicationEntity
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+from pynetdicom.presentation import PresentationContext, build_context
 
-from dicomnode import metrics
+from dicomnode import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, metrics
 from dicomnode.config import Config, TlsConfig
-from dicomnode.spool import OutOfSpace, Spool, is_valid_uid
+from dicomnode.header import (
+    DEFLATED_LE,
+    DOUBLE_PIXEL_DATA,
+    FLOAT_PIXEL_DATA,
+    PIXEL_DATA,
+    WANTED,
+    Header,
+    HeaderError,
+    read_header,
+)
+from dicomnode.spool import IncomingFile, OutOfSpace, Spool, is_valid_uid
 from dicomnode.store import InstanceMeta, RecordOutcome, Store
+from dicomnode.ul import VERIFICATION, AcceptorSettings, Association, StoreRequest, UpperLayerServer
 
 log = logging.getLogger(__name__)
 
@@ -45,26 +64,6 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
-
-
-@dataclass
-class ReceiveContext:
-    """What the C-STORE handler needs, bound as a handler argument (no globals)."""
-
-    config: Config
-    spool: Spool
-    store: Store
-    on_received: Any = None  # optional callback(meta, size, outcome) for metrics
-    _series_by_assoc: dict[int, set[str]] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def note_series(self, assoc: object, series_uid: str) -> None:
-        with self._lock:
-            self._series_by_assoc.setdefault(id(assoc), set()).add(series_uid)
-
-    def pop_series(self, assoc: object) -> set[str]:
-        with self._lock:
-            return self._series_by_assoc.pop(id(assoc), set())
 
 
 class _Reject(Exception):
@@ -84,165 +83,240 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 _UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PIXEL_TAGS = {PIXEL_DATA: "PixelData", FLOAT_PIXEL_DATA: "FloatPixelData", DOUBLE_PIXEL_DATA: "DoubleFloatPixelData"}
 
 
-def _pixel_problem(ds: Dataset, transfer_syntax: str) -> str | None:
-    """Cheap check of an image's pixel data (lengths only, nothing decoded): catches truncation."""
-    if "Rows" not in ds or "Columns" not in ds:
-        return None  # not an image (SR, presentation state, ...)
-    present = [k for k in _PIXEL_KEYWORDS if k in ds]
-    if not present:
-        return "image data set (Rows/Columns present) has no Pixel Data"
-    if present[0] != "PixelData" or transfer_syntax not in _UNCOMPRESSED:
-        return None
+def _header_with_pydicom(path: Path, size: int, transfer_syntax: str) -> Header:
+    """The same :class:`Header` from pydicom's full parse: for what the fast walk leaves alone."""
     try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        bits = int(ds.BitsAllocated)
-        expected = int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1)) * bits // 8
-        actual = len(ds.PixelData)
-    except Exception as exc:
-        return f"image pixel description cannot be read: {exc}"
-    if actual < expected:
-        return f"Pixel Data has {actual} bytes, Rows x Columns x frames x samples x bits needs {expected}"
-    return None
-
-
-def instance_meta(event: evt.Event) -> InstanceMeta:
-    """Read the identifying header attributes of the received data set (no pixel data is decoded)."""
-    request: Any = event.request
-    try:
-        ds = event.dataset
-        uids = {k: _text(ds, k) for k in
-                ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
-        extra = {k: _text(ds, k) for k in ("Modality", "BodyPartExamined", "SeriesDescription", "ImageType")}
+        # Deferred values are found again by file offset, which means nothing inside a deflated stream.
+        ds = pydicom.dcmread(path, defer_size=None if transfer_syntax == DEFLATED_LE else 1024)
+        values: dict[str, str | int] = {}
+        for keyword in WANTED.values():
+            if keyword in ds:
+                value = ds[keyword].value
+                values[keyword] = value if isinstance(value, int) else _text(ds, keyword)
     except Exception as exc:  # pydicom raises many types on malformed input
         raise _Reject(CANNOT_UNDERSTAND, f"data set cannot be parsed: {type(exc).__name__}: {exc}") from exc
     if len(ds) == 0:
         raise _Reject(CANNOT_UNDERSTAND, "data set cannot be parsed: no data element could be read")
+    header = Header(values)
+    present = [k for k in _PIXEL_KEYWORDS if k in ds]
+    if present:
+        header.pixel_tag = next(t for t, k in _PIXEL_TAGS.items() if k == present[0])
+        raw: Any = ds.get_item(present[0], keep_deferred=True)
+        if getattr(raw, "value", None) is None and getattr(raw, "value_tell", None) is not None:
+            header.pixel_length = None if raw.length == 0xFFFFFFFF else int(raw.length)
+            header.pixel_available = max(0, min(int(raw.length), size - int(raw.value_tell)))  # what the file holds
+        else:
+            header.pixel_length = header.pixel_available = len(ds[present[0]].value or b"")
+    return header
+
+
+def _pixel_problem(header: Header, transfer_syntax: str) -> str | None:
+    """Cheap check of an image's pixel data (lengths only, nothing decoded): catches truncation."""
+    values = header.values
+    if "Rows" not in values or "Columns" not in values:
+        return None  # not an image (SR, presentation state, ...)
+    if header.pixel_tag is None:
+        return "image data set (Rows/Columns present) has no Pixel Data"
+    if header.pixel_tag != PIXEL_DATA or transfer_syntax not in _UNCOMPRESSED:
+        return None
+    try:
+        frames = int(str(values.get("NumberOfFrames") or 1))
+        expected = (int(values["Rows"]) * int(values["Columns"]) * frames * int(values.get("SamplesPerPixel", 1))
+                    * int(values["BitsAllocated"]) // 8)
+    except (KeyError, ValueError) as exc:
+        return f"image pixel description cannot be read: {type(exc).__name__}: {exc}"
+    if header.pixel_length is None:
+        return "native Pixel Data of undefined length"
+    if header.pixel_available < expected:
+        have = header.pixel_available
+        return f"Pixel Data has {have} bytes, Rows x Columns x frames x samples x bits needs {expected}"
+    return None
+
+
+def read_meta(incoming: IncomingFile, meta_length: int, assoc: Association, request: StoreRequest) -> InstanceMeta:
+    """Read the identifying header attributes of a received instance (flushed, not yet committed)."""
+    size = incoming.size - meta_length
+    header: Header | None = None
+    if size > 0:
+        with incoming.mapped() as mapped:
+            view = memoryview(mapped)[meta_length:]
+            try:
+                header = read_header(view, size, request.transfer_syntax)
+            except HeaderError:
+                header = None  # pydicom decides, and names the problem
+            finally:
+                view.release()
+    if header is None:
+        header = _header_with_pydicom(incoming.path, incoming.size, request.transfer_syntax)
+    uids = {k: str(header.values.get(k, "")) for k in
+            ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
+    extra = {k: str(header.values.get(k, "")) for k in
+             ("Modality", "BodyPartExamined", "SeriesDescription", "ImageType")}
     missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not uids[k]]
     if missing:
         raise _Reject(CANNOT_UNDERSTAND, f"data set lacks {', '.join(missing)}")
     bad = [k for k, v in uids.items() if v and not is_valid_uid(v)]
     if bad:
         raise _Reject(CANNOT_UNDERSTAND, f"invalid UID in {', '.join(bad)}")
-    if uids["SOPInstanceUID"] != str(request.AffectedSOPInstanceUID):
+    if uids["SOPInstanceUID"] != request.sop_instance_uid:
         raise _Reject(DATASET_MISMATCH, "SOPInstanceUID differs from the request's Affected SOP Instance UID")
-    if uids["SOPClassUID"] and uids["SOPClassUID"] != str(request.AffectedSOPClassUID):
+    if uids["SOPClassUID"] and uids["SOPClassUID"] != request.sop_class_uid:
         raise _Reject(DATASET_MISMATCH, "SOPClassUID differs from the request's Affected SOP Class UID")
-    problem = _pixel_problem(ds, str(event.context.transfer_syntax))
+    problem = _pixel_problem(header, request.transfer_syntax)
     if problem:
         raise _Reject(DATASET_MISMATCH, problem)
     return InstanceMeta(
-        sop_uid=uids["SOPInstanceUID"], sop_class_uid=str(request.AffectedSOPClassUID),
+        sop_uid=uids["SOPInstanceUID"], sop_class_uid=request.sop_class_uid,
         series_uid=uids["SeriesInstanceUID"], study_uid=uids["StudyInstanceUID"],
-        transfer_syntax=str(event.context.transfer_syntax), modality=extra["Modality"],
+        transfer_syntax=request.transfer_syntax, modality=extra["Modality"],
         body_part=extra["BodyPartExamined"], description=extra["SeriesDescription"],
-        image_type=extra["ImageType"], calling_aet=event.assoc.requestor.ae_title.strip())
+        image_type=extra["ImageType"], calling_aet=assoc.calling_aet)
 
 
-def handle_store(event: evt.Event, ctx: ReceiveContext) -> int:
-    """EVT_C_STORE: spool the encoded data set (fsync), record it, then answer. See the module docstring."""
-    peer = f"{event.assoc.requestor.ae_title.strip()}@{event.assoc.requestor.address}"
-    try:
-        meta = instance_meta(event)
-    except _Reject as rej:
-        log.warning("C-STORE from %s refused with 0x%04X: %s", peer, rej.status, rej)
-        metrics.rejection(f"status:0x{rej.status:04X}")
-        return rej.status
-    try:
-        spooled = ctx.spool.write(meta.series_uid, meta.sop_uid, event.encoded_dataset())
-    except OutOfSpace as exc:
-        log.error("C-STORE from %s refused with 0xA700: %s", peer, exc)
-        metrics.rejection("status:0xA700")
-        return OUT_OF_RESOURCES
-    except OSError as exc:
-        log.error("C-STORE from %s refused with 0xA700: cannot write spool file: %s", peer, exc)
-        metrics.rejection("status:0xA700")
-        return OUT_OF_RESOURCES
-    try:
-        outcome, moved = ctx.store.record_instance(
-            meta, spooled.path, spooled.size, now=time.time(),
-            reprocess_late=ctx.config.completion.on_late_instance.value == "reprocess")
-    except Exception as exc:  # never answer success without a row
-        # The file stays: it is complete and durable (it may be the replacement of an earlier acknowledged
-        # copy under the same name), and start-up recovery records any spool file that has no row.
-        log.error("C-STORE from %s refused with 0xA700: state store unavailable: %s", peer, exc)
-        metrics.rejection("status:0xA700")
-        return OUT_OF_RESOURCES
-    if moved:
+def _meta_element(group: int, elem: int, vr: bytes, value: bytes) -> bytes:
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+        return struct.pack("<HH2sxxL", group, elem, vr, len(value)) + value
+    return struct.pack("<HH2sH", group, elem, vr, len(value)) + value
+
+
+def _even(value: str, pad: bytes) -> bytes:
+    raw = value.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_meta(request: StoreRequest, source_aet: str) -> bytes:
+    """Preamble, 'DICM' and the File Meta Information group (PS3.10 7.1) for a received data set."""
+    elements = (
+        _meta_element(2, 0x0001, b"OB", b"\x00\x01")
+        + _meta_element(2, 0x0002, b"UI", _even(request.sop_class_uid, b"\x00"))
+        + _meta_element(2, 0x0003, b"UI", _even(request.sop_instance_uid, b"\x00"))
+        + _meta_element(2, 0x0010, b"UI", _even(request.transfer_syntax, b"\x00"))
+        + _meta_element(2, 0x0012, b"UI", _even(IMPLEMENTATION_CLASS_UID, b"\x00"))
+        + _meta_element(2, 0x0013, b"SH", _even(IMPLEMENTATION_VERSION_NAME, b" ")))
+    if source_aet:
+        elements += _meta_element(2, 0x0016, b"AE", _even(source_aet, b" "))
+    return b"\x00" * 128 + b"DICM" + _meta_element(2, 0x0000, b"UL", struct.pack("<L", len(elements))) + elements
+
+
+class _SpoolSink:
+    """One C-STORE data set on its way into the spool (see :class:`dicomnode.ul.DataSink`)."""
+
+    def __init__(self, ctx: ReceiveContext, assoc: Association, request: StoreRequest) -> None:
+        self.ctx, self.assoc, self.request = ctx, assoc, request
+        self.refusal: tuple[int, str] | None = None
+        self.incoming: IncomingFile | None = None
+        self.meta_length = 0
+        if not (is_valid_uid(request.sop_instance_uid) and request.sop_class_uid):
+            self.refusal = (CANNOT_UNDERSTAND, "the C-STORE request lacks a valid Affected SOP Instance UID")
+            return
         try:
-            os.unlink(moved)
-        except OSError:
-            log.warning("could not remove the replaced copy %s", moved)
-    if outcome is not RecordOutcome.NEW:
-        log.info("instance %s of series %s: %s", meta.sop_uid, meta.series_uid, outcome.value)
-    ctx.note_series(event.assoc, meta.series_uid)
-    metrics.instance_received(spooled.size)
-    if ctx.on_received is not None:
-        ctx.on_received(meta, spooled.size, outcome)
-    return SUCCESS
+            self.incoming = ctx.spool.incoming()
+            preamble_and_meta = file_meta(request, assoc.calling_aet)
+            self.meta_length = len(preamble_and_meta)
+            self.incoming.write(preamble_and_meta)
+        except OutOfSpace as exc:
+            self._refuse(OUT_OF_RESOURCES, str(exc))
+        except OSError as exc:
+            self._refuse(OUT_OF_RESOURCES, f"cannot write spool file: {exc}")
+
+    def _refuse(self, status: int, reason: str) -> None:
+        self.refusal = (status, reason)
+        if self.incoming is not None:
+            self.incoming.discard()
+            self.incoming = None
+
+    def write(self, fragment: memoryview) -> None:
+        if self.incoming is None:
+            return  # refused: the rest of the data set is read and dropped
+        try:
+            self.incoming.write(fragment)
+        except OutOfSpace as exc:
+            self._refuse(OUT_OF_RESOURCES, str(exc))
+        except OSError as exc:
+            self._refuse(OUT_OF_RESOURCES, f"cannot write spool file: {exc}")
+
+    def abandon(self) -> None:
+        if self.incoming is not None:
+            self.incoming.discard()
+            self.incoming = None
+
+    def finish(self) -> tuple[int, str]:
+        status, reason = self._finish()
+        if status != SUCCESS:
+            log.log(logging.ERROR if status == OUT_OF_RESOURCES else logging.WARNING,
+                    "C-STORE from %s refused with 0x%04X: %s", self.assoc.peer, status, reason)
+            metrics.rejection(f"status:0x{status:04X}")
+        return status, reason
+
+    def _finish(self) -> tuple[int, str]:
+        incoming, self.incoming = self.incoming, None
+        if incoming is None:
+            return self.refusal or (OUT_OF_RESOURCES, "spool file unavailable")
+        ctx = self.ctx
+        try:
+            incoming.flush()
+            meta = read_meta(incoming, self.meta_length, self.assoc, self.request)
+            spooled = incoming.commit(meta.series_uid, meta.sop_uid)
+        except _Reject as rej:
+            incoming.discard()
+            return rej.status, str(rej)
+        except OutOfSpace as exc:
+            incoming.discard()
+            return OUT_OF_RESOURCES, str(exc)
+        except OSError as exc:
+            incoming.discard()
+            return OUT_OF_RESOURCES, f"cannot write spool file: {exc}"
+        try:
+            outcome, moved = ctx.store.record_instance(
+                meta, spooled.path, spooled.size, now=time.time(),
+                reprocess_late=ctx.config.completion.on_late_instance.value == "reprocess")
+        except Exception as exc:  # never answer success without a row
+            # The file stays: it is complete and durable (it may be the replacement of an earlier acknowledged
+            # copy under the same name), and start-up recovery records any spool file that has no row.
+            return OUT_OF_RESOURCES, f"state store unavailable: {exc}"
+        if moved:
+            try:
+                os.unlink(moved)
+            except OSError:
+                log.warning("could not remove the replaced copy %s", moved)
+        if outcome is not RecordOutcome.NEW:
+            log.info("instance %s of series %s: %s", meta.sop_uid, meta.series_uid, outcome.value)
+        self.assoc.state.setdefault("series", set()).add(meta.series_uid)
+        metrics.instance_received(spooled.size)
+        if ctx.on_received is not None:
+            ctx.on_received(meta, spooled.size, outcome)
+        return SUCCESS, ""
 
 
-def handle_released(event: evt.Event, ctx: ReceiveContext) -> None:
-    """EVT_RELEASED: the sender finished normally; that is evidence (not proof) its series are complete."""
-    series = ctx.pop_series(event.assoc)
-    if series:
-        ctx.store.mark_released(sorted(series), now=time.time())
+@dataclass
+class ReceiveContext:
+    """What the receiving side needs (no globals); the :class:`dicomnode.ul.StorageHandler` of the SCP."""
 
+    config: Config
+    spool: Spool
+    store: Store
+    on_received: Any = None  # optional callback(meta, size, outcome) for metrics
 
-def handle_aborted(event: evt.Event, ctx: ReceiveContext) -> None:
-    ctx.pop_series(event.assoc)
-
-
-def handle_acse_sent(event: evt.Event) -> None:
-    """EVT_ACSE_SENT: count accepted associations, and rejections by their A-ASSOCIATE-RJ reason."""
-    primitive: Any = getattr(event, "primitive", None)
-    if type(primitive).__name__ != "A_ASSOCIATE":
-        return
-    if primitive.result == 0x00:
+    def accepted(self, assoc: Association) -> None:
         metrics.association_accepted()
-    elif primitive.result in (0x01, 0x02):
-        reason = str(primitive.reason_str).lower().replace(" ", "-")
+
+    def rejected(self, address: str, calling_aet: str, reason: str) -> None:
         metrics.rejection(f"association:{reason}")
 
+    def open_store(self, assoc: Association, request: StoreRequest) -> _SpoolSink:
+        return _SpoolSink(self, assoc, request)
 
-class NodeServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with SO_REUSEPORT, TCP_NODELAY and a peer host allow-list."""
+    def released(self, assoc: Association) -> None:
+        """The sender finished normally; that is evidence (not proof) its series are complete."""
+        series = assoc.state.get("series")
+        if series:
+            self.store.mark_released(sorted(series), now=time.time())
 
-    allowed_hosts: frozenset[str] = frozenset()
-    handshake_timeout: float = 30.0
-
-    def server_bind(self) -> None:
-        if hasattr(socket, "SO_REUSEPORT"):
-            cast(socket.socket, self.socket).setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        sock, address = cast(socket.socket, self.socket).accept()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context:
-            # The handshake runs in the accepting thread: bound it, so a silent client cannot stall accepting.
-            sock.settimeout(self.handshake_timeout)
-            try:
-                sock = self.ssl_context.wrap_socket(sock, server_side=True)
-            except (OSError, ValueError) as exc:
-                sock.close()
-                log.warning("TLS handshake with %s failed: %s", address[0], exc)
-                metrics.rejection("tls-handshake")
-                raise OSError(f"TLS handshake failed: {exc}") from exc  # socketserver drops the request
-            sock.settimeout(None)
-        return sock, address
-
-    def shutdown(self) -> None:
-        """Stop serving and close the socket (pynetdicom's own shutdown assumes ae.start_server made us)."""
-        socketserver.BaseServer.shutdown(self)
-        self.server_close()
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        if self.allowed_hosts and client_address[0] not in self.allowed_hosts:
-            log.warning("connection from %s refused: host not in node.allowed_hosts", client_address[0])
-            return False
-        return True
+    def aborted(self, assoc: Association) -> None:
+        return None
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
@@ -257,46 +331,54 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-def make_ae(cfg: Config) -> ApplicationEntity:
-    """The acceptor AE: Verification and every storage SOP class in every transfer syntax pynetdicom knows."""
+def supported_contexts() -> list[PresentationContext]:
+    """Verification and every storage SOP class pynetdicom knows, each in every transfer syntax it knows."""
+    contexts = [build_context(VERIFICATION, ALL_TRANSFER_SYNTAXES)]
+    contexts += [build_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts]
+    return contexts
+
+
+def acceptor_settings(cfg: Config) -> AcceptorSettings:
     node = cfg.node
-    ae = ApplicationEntity(ae_title=node.ae_title)
-    ae.maximum_associations = node.max_associations
-    ae.maximum_pdu_size = node.max_pdu_size
-    ae.acse_timeout = node.acse_timeout
-    ae.dimse_timeout = node.dimse_timeout
-    ae.network_timeout = node.network_timeout
-    ae.require_called_aet = True
-    if node.allowed_calling_aets:
-        ae.require_calling_aet = list(node.allowed_calling_aets)
-    ae.add_supported_context(Verification)
-    for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
-    return ae
+    return AcceptorSettings(
+        ae_title=node.ae_title, allowed_calling_aets=frozenset(node.allowed_calling_aets),
+        max_pdu=node.max_pdu_size, acse_timeout=node.acse_timeout, network_timeout=node.network_timeout,
+        max_associations=node.max_associations, implementation_uid=IMPLEMENTATION_CLASS_UID,
+        implementation_version=IMPLEMENTATION_VERSION_NAME)
 
 
-# pynetdicom's DUL reactor sleeps this long whenever a loop found nothing to do (its default is 1 ms). A large
-# instance arrives in several PDUs, so those sleeps add up; 0.2 ms measured ~10 % more instances/s on one
-# association (scripts/bench_ingest.py) for a little more idle CPU per open association.
-DUL_LOOP_DELAY_S = 0.0002
+def _connection_preparer(cfg: Config) -> Any:
+    allowed_hosts = frozenset(cfg.node.allowed_hosts)
+    ssl_context = server_ssl_context(cfg.node.tls)
+    handshake_timeout = cfg.node.acse_timeout
+
+    def prepare(sock: socket.socket, address: tuple[str, int]) -> socket.socket | None:
+        if allowed_hosts and address[0] not in allowed_hosts:
+            log.warning("connection from %s refused: host not in node.allowed_hosts", address[0])
+            metrics.rejection("host-not-allowed")
+            return None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ssl_context is None:
+            return sock
+        sock.settimeout(handshake_timeout)  # a silent client cannot hold the thread for ever
+        try:
+            wrapped = ssl_context.wrap_socket(sock, server_side=True)
+        except (OSError, ValueError) as exc:
+            log.warning("TLS handshake with %s failed: %s", address[0], exc)
+            metrics.rejection("tls-handshake")
+            return None
+        wrapped.settimeout(None)
+        return wrapped
+
+    return prepare
 
 
-def handle_conn_open(event: evt.Event) -> None:
-    """EVT_CONN_OPEN: shorten the reactor's idle sleep for this association (see DUL_LOOP_DELAY_S)."""
-    event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY_S
-
-
-def start_server(cfg: Config, ctx: ReceiveContext) -> NodeServer:
+def start_server(cfg: Config, ctx: ReceiveContext) -> UpperLayerServer:
     """Start listening (non-blocking); returns the server, whose ``shutdown()`` stops it."""
-    ae = make_ae(cfg)
-    handlers: list[Any] = [(evt.EVT_C_STORE, handle_store, [ctx]), (evt.EVT_RELEASED, handle_released, [ctx]),
-                (evt.EVT_ABORTED, handle_aborted, [ctx]), (evt.EVT_ACSE_SENT, handle_acse_sent),
-                (evt.EVT_CONN_OPEN, handle_conn_open)]
-    server = cast(NodeServer, ae.make_server(
-        (cfg.node.host, cfg.node.port), evt_handlers=handlers, server_class=NodeServer,
-        ssl_context=server_ssl_context(cfg.node.tls)))
-    server.allowed_hosts = frozenset(cfg.node.allowed_hosts)
-    server.handshake_timeout = cfg.node.acse_timeout
+    listener = socket.create_server((cfg.node.host, cfg.node.port), backlog=128,
+                                    reuse_port=hasattr(socket, "SO_REUSEPORT"))
+    server = UpperLayerServer(acceptor_settings(cfg), ctx, supported_contexts(), listener,
+                              prepare=_connection_preparer(cfg))
     thread = threading.Thread(target=server.serve_forever, name="dicom-acceptor", daemon=True)
     thread.start()
     log.info("listening as %s on %s:%d", cfg.node.ae_title, cfg.node.host, server.server_address[1])

@@ -1,18 +1,21 @@
 """The spool: received instances on disk, exactly as received, durably.
 
 Layout: ``<root>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. A file appears under its final name only once its
-bytes are on disk: write to a hidden temporary file in the same folder, ``fsync`` it, ``rename`` it over the
-final name (atomic on POSIX, so a repeated SOP Instance UID replaces the earlier copy in one step), then ``fsync``
-the folder so the rename itself survives a power cut. Temporary files left by a crash are removed at start-up;
-they were never acknowledged.
+bytes are on disk: it is written as it arrives to a temporary file in ``<root>/.incoming`` (its series is not
+known until its header is read), ``fsync``-ed, renamed over the final name (atomic on POSIX, so a repeated SOP
+Instance UID replaces the earlier copy in one step), then the series folder is ``fsync``-ed so the rename itself
+survives a power cut. Temporary files left by a crash are removed at start-up; they were never acknowledged.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
+import mmap
 import os
 import re
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,9 @@ from dicomnode.errors import DicomNodeError
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _TMP_PREFIX = ".tmp-"
+INCOMING_DIR = ".incoming"  # instances being received, before their series (their final folder) is known
+_WRITE_CHUNK = 1024 * 1024  # received fragments are gathered into writes of about this size
+_counter = itertools.count()
 
 
 class OutOfSpace(DicomNodeError):
@@ -66,36 +72,22 @@ class Spool:
 
         Raises :class:`OutOfSpace` (nothing left behind) when free space is under the floor or the disk fills.
         """
+        incoming = self.incoming()
+        try:
+            incoming.write(memoryview(data))
+            return incoming.commit(series_uid, sop_uid)
+        except BaseException:
+            incoming.discard()
+            raise
+
+    def incoming(self) -> IncomingFile:
+        """A new temporary file for an instance whose identity is not known yet (it arrives in pieces).
+
+        Raises :class:`OutOfSpace` when free space is under the floor.
+        """
         if not self.has_room():
             raise OutOfSpace(f"free space on {self.root} is below {self.min_free_bytes // 2**20} MiB")
-        final = self.path_for(series_uid, sop_uid)
-        folder = final.parent
-        new_folder = not folder.is_dir()
-        if new_folder:
-            folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"{_TMP_PREFIX}{sop_uid}.{os.getpid()}.{id(data):x}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutOfSpace(f"disk full while writing to {folder}") from exc
-            raise
-        if self.fsync:
-            _fsync_dir(folder)
-            if new_folder:
-                _fsync_dir(self.root)
-        return SpooledFile(series_uid, sop_uid, final, len(data))
+        return IncomingFile(self)
 
     def scan(self) -> Iterator[SpooledFile]:
         """Every complete instance file in the spool (temporary files are skipped)."""
@@ -111,9 +103,10 @@ class Spool:
     def remove_partial_files(self) -> int:
         """Delete temporary files a crash left behind (never acknowledged); return how many."""
         removed = 0
-        for series in self.root.iterdir():
-            if series.is_dir():
-                for tmp in series.glob(f"{_TMP_PREFIX}*"):
+        for folder in self.root.iterdir():
+            if folder.is_dir():
+                pattern = "*" if folder.name == INCOMING_DIR else f"{_TMP_PREFIX}*"
+                for tmp in folder.glob(pattern):
                     tmp.unlink(missing_ok=True)
                     removed += 1
         return removed
@@ -123,6 +116,87 @@ class Spool:
         if not folder.is_dir():
             return []
         return sorted(p for p in folder.glob("*.dcm") if not p.name.startswith(_TMP_PREFIX))
+
+
+class IncomingFile:
+    """An instance being written as it arrives: a temporary file under ``<root>/.incoming``.
+
+    ``write`` gathers pieces into large writes; ``commit`` makes the file durable under its final name (fsync the
+    file, rename it into its series folder, fsync that folder); ``discard`` removes it. A crash leaves at most a
+    file in ``.incoming``, which start-up recovery removes: it was never acknowledged.
+    """
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        folder = spool.root / INCOMING_DIR
+        folder.mkdir(exist_ok=True)
+        self.path = folder / f"{os.getpid()}-{threading.get_ident():x}-{next(_counter)}.part"
+        self.size = 0
+        self._pending = bytearray()
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o640)
+
+    def write(self, piece: memoryview | bytes) -> None:
+        """Append ``piece``. Raises :class:`OutOfSpace` when the disk fills (the caller then discards)."""
+        self._pending += piece
+        self.size += len(piece)
+        if len(self._pending) >= _WRITE_CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._fd is None:
+            raise ValueError("the incoming file was already committed or discarded")
+        view = memoryview(self._pending)
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfSpace(f"disk full while writing to {self.path.parent}") from exc
+            raise
+        finally:
+            view.release()
+        self._pending.clear()
+
+    def flush(self) -> None:
+        """Hand everything written so far to the operating system (readable by path; not yet durable)."""
+        self._flush()
+
+    def mapped(self) -> mmap.mmap:
+        """The file written so far, mapped read-only (flush first). Close the map (and views of it) after use."""
+        if self._fd is None:
+            raise ValueError("the incoming file was already committed or discarded")
+        return mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+
+    def commit(self, series_uid: str, sop_uid: str) -> SpooledFile:
+        """Make the file durable under ``<root>/<series>/<sop>.dcm`` (atomically replacing an earlier copy)."""
+        final = self.spool.path_for(series_uid, sop_uid)
+        self._flush()
+        assert self._fd is not None
+        if self.spool.fsync:
+            os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        folder = final.parent
+        new_folder = not folder.is_dir()
+        if new_folder:
+            folder.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(self.path, final)
+        except OSError:
+            self.discard()
+            raise
+        if self.spool.fsync:
+            _fsync_dir(folder)
+            if new_folder:
+                _fsync_dir(self.spool.root)
+        return SpooledFile(series_uid, sop_uid, final, self.size)
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._pending.clear()
+        self.path.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:

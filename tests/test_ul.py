@@ -1,0 +1,293 @@
+"""The Storage SCP's upper layer (dicomnode.ul) at the protocol level: negotiation, limits, timeouts, fragments,
+unexpected PDUs and DIMSE requests it does not serve. The SCP runs in this process (as a receiver process
+would run it); peers are pynetdicom, DCMTK and, for what no well-behaved peer sends, raw bytes on a socket."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+
+from dicomnode import IMPLEMENTATION_CLASS_UID
+from dicomnode.config import parse_config
+from dicomnode.scp import ReceiveContext, start_server
+from dicomnode.service import open_spool
+from dicomnode.store import Store
+from dicomnode.ul import decode_command, encode_response, pdata_pdus
+from tests.conftest import series_dir
+from tests.peers import PEER_ENV, dcmtk, node_config, wait_until
+
+
+class Scp:
+    def __init__(self, workdir: Path, **node: Any) -> None:
+        self.cfg = parse_config(node_config(workdir, node=node, storage={"path": str(workdir / "data"),
+                                                                           "min_free_mb": 1, "fsync": True}))
+        self.store = Store(self.cfg.db_path)
+        self.spool = open_spool(self.cfg)
+        self.server = start_server(self.cfg, ReceiveContext(self.cfg, self.spool, self.store))
+        self.port = self.server.server_address[1]
+
+    def files(self) -> list[Path]:
+        return sorted(p for p in self.cfg.spool_dir.rglob("*") if p.is_file())
+
+    def instances(self) -> int:
+        return sum(s.n_instances for s in self.store.list_series())
+
+
+@pytest.fixture
+def scp(tmp_path: Path) -> Iterator[Any]:
+    started: list[Scp] = []
+
+    def make(**node: Any) -> Scp:
+        s = Scp(tmp_path, **node)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.server.shutdown(grace=0.5)
+
+
+def _echo(port: int, aec: str = "DICOMNODE") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([dcmtk("echoscu"), "-v", "-aet", "MODALITY", "-aec", aec, "127.0.0.1", str(port)],
+                          capture_output=True, text=True, timeout=30, env=PEER_ENV)
+
+
+def _ae(*syntaxes: str, max_pdu: int = 16382) -> AE:
+    ae = AE(ae_title="MODALITY")
+    ae.maximum_pdu_size = max_pdu
+    ae.add_requested_context(CTImageStorage, list(syntaxes) or [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+    return ae
+
+
+def _raw_associate(port: int, contexts: list[tuple[int, str, str]], max_pdu: int = 16384) -> socket.socket:
+    """Open an association with hand-made bytes; returns the socket after reading the A-ASSOCIATE-AC."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title, primitive.called_ae_title = "RAWPEER", "DICOMNODE"
+    items = []
+    for cid, abstract, ts in contexts:
+        cx = build_context(abstract, [ts])
+        cx.context_id = cid
+        items.append(cx)
+    primitive.presentation_context_definition_list = items
+    length, impl = MaximumLengthNotification(), ImplementationClassUIDNotification()
+    length.maximum_length_received = max_pdu
+    impl.implementation_class_uid = "1.2.3.4"
+    primitive.user_information = [length, impl]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(pdu.encode())
+    pdu_type, body = _read_pdu(sock)
+    assert pdu_type == 0x02, f"expected A-ASSOCIATE-AC, got 0x{pdu_type:02X}"
+    return sock
+
+
+def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    header = _recv(sock, 6)
+    pdu_type, length = struct.unpack(">BxL", header)
+    return pdu_type, _recv(sock, length)
+
+
+def _recv(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise EOFError(f"closed after {len(out)} of {n} bytes")
+        out += chunk
+    return out
+
+
+def _command(field: int, message_id: int, sop_class: str, sop_instance: str = "", data: bool = False) -> bytes:
+    """A request command set; encode_response writes the same layout with bit 15 of the field set."""
+    raw = encode_response(field, message_id, 0, sop_class, sop_instance)
+    cmd = decode_command(raw)
+    cmd[0x00000100] = struct.pack("<H", field)
+    cmd[0x00000800] = struct.pack("<H", 0x0000 if data else 0x0101)
+    del cmd[0x00000900], cmd[0x00000120]
+    cmd[0x00000110] = struct.pack("<H", message_id)
+    body = b"".join(struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(v)) + v
+                    for tag, v in sorted(cmd.items()) if tag != 0)
+    return struct.pack("<HHL", 0, 0, 4) + struct.pack("<L", len(body)) + body
+
+
+def _assert_aborted_by_node(sock: socket.socket) -> None:
+    pdu_type, body = _read_pdu(sock)
+    assert pdu_type == 0x07 and body[2] == 2, (pdu_type, body)  # A-ABORT, source: service provider
+
+
+def test_echo_and_storage_over_default_settings(scp: Any) -> None:
+    s = scp()
+    out = _echo(s.port)
+    assert out.returncode == 0, out.stderr
+    files = sorted(series_dir("P03").iterdir())[:3]
+    assoc = _ae(ImplicitVRLittleEndian).associate("127.0.0.1", s.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    assert assoc.acceptor.implementation_class_uid == IMPLEMENTATION_CLASS_UID
+    assert [assoc.send_c_store(pydicom.dcmread(p)).Status for p in files] == [0, 0, 0]
+    assoc.release()
+    assert s.instances() == 3
+    kept = pydicom.dcmread(s.files()[0])
+    assert kept.file_meta.SourceApplicationEntityTitle == "MODALITY"
+    assert kept.file_meta.ImplementationClassUID == IMPLEMENTATION_CLASS_UID
+
+
+def test_called_ae_title_must_be_ours(scp: Any) -> None:
+    s = scp()
+    out = _echo(s.port, aec="SOMEONEELSE")
+    assert out.returncode != 0
+    assert "Called AE Title Not Recognized" in out.stdout + out.stderr
+
+
+def test_association_limit_rejects_transiently_and_frees_the_slot(scp: Any) -> None:
+    s = scp(max_associations=1)
+    first = _ae().associate("127.0.0.1", s.port, ae_title="DICOMNODE")
+    assert first.is_established
+    second = _ae().associate("127.0.0.1", s.port, ae_title="DICOMNODE")
+    assert second.is_rejected
+    rj = second.acceptor.primitive
+    assert (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2)  # transient, presentation, local limit
+    first.release()
+    wait_until(lambda: s.server.active_associations() == 0, 10, "slot freed")
+    third = _ae().associate("127.0.0.1", s.port, ae_title="DICOMNODE")
+    assert third.is_established
+    third.release()
+
+
+def test_small_pdus_and_deflate_store_the_data_set_as_sent(scp: Any) -> None:
+    """A 4 KiB receive limit forces each instance into ~130 PDUs; deflate must be stored still deflated."""
+    s = scp(max_pdu_size=4096)
+    files = sorted(series_dir("P01").iterdir())[:4]
+    assoc = _ae(DeflatedExplicitVRLittleEndian).associate("127.0.0.1", s.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    assert assoc.acceptor.maximum_length == 4096
+    assert [assoc.send_c_store(pydicom.dcmread(p)).Status for p in files] == [0] * 4
+    assoc.release()
+    for src in files:
+        original = pydicom.dcmread(src)
+        (kept,) = [p for p in s.files() if p.stem == original.SOPInstanceUID]
+        raw = kept.read_bytes()
+        assert pydicom.dcmread(kept).file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+        assert original.PixelData not in raw  # stored as received: deflated
+        copy = pydicom.dcmread(kept)
+        assert copy.PixelData == original.PixelData and copy.SOPInstanceUID == original.SOPInstanceUID
+
+
+def test_failure_statuses_carry_an_error_comment(scp: Any, tmp_path: Path) -> None:
+    s = scp()
+    src = pydicom.dcmread(next(series_dir("P03").iterdir()))
+    del src.SeriesInstanceUID
+    broken = tmp_path / "no_series.dcm"
+    src.save_as(broken, enforce_file_format=True)
+    assoc = _ae(str(src.file_meta.TransferSyntaxUID)).associate("127.0.0.1", s.port, ae_title="DICOMNODE")
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        rsp = assoc.send_c_store(broken)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+        assoc.release()
+    assert rsp.Status == 0xC000
+    assert rsp.ErrorComment == "data set lacks SeriesInstanceUID"
+    assert s.files() == [] and s.instances() == 0
+
+
+def test_unserved_dimse_request_gets_unrecognized_operation_and_association_goes_on(scp: Any) -> None:
+    s = scp()
+    sock = _raw_associate(s.port, [(1, CTImageStorage, ImplicitVRLittleEndian)])
+    with sock:
+        # a C-FIND-RQ with an identifier, on the storage context: not served here
+        sock.sendall(b"".join(pdata_pdus(1, _command(0x0020, 7, CTImageStorage, data=True), True, 0)))
+        sock.sendall(b"".join(pdata_pdus(1, b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ", False, 0)))
+        pdu_type, body = _read_pdu(sock)
+        assert pdu_type == 0x04
+        rsp = decode_command(body[6:])  # one PDV: 4 length + 1 context + 1 control
+        assert struct.unpack("<H", rsp[0x00000100])[0] == 0x8020
+        assert struct.unpack("<H", rsp[0x00000120])[0] == 7
+        assert struct.unpack("<H", rsp[0x00000900])[0] == 0x0211
+        # C-ECHO on the same association still works (echo on a storage context is answered too)
+        sock.sendall(b"".join(pdata_pdus(1, _command(0x0030, 8, Verification), True, 0)))
+        _, body = _read_pdu(sock)
+        assert struct.unpack("<H", decode_command(body[6:])[0x00000900])[0] == 0
+        sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-RELEASE-RQ
+        assert _read_pdu(sock)[0] == 0x06  # A-RELEASE-RP
+
+
+@pytest.mark.parametrize("what", ["unknown-context", "unknown-pdu", "data-before-command", "second-associate-rq"])
+def test_protocol_violations_abort_the_association_and_the_node_keeps_serving(scp: Any, what: str) -> None:
+    s = scp()
+    sock = _raw_associate(s.port, [(1, CTImageStorage, ImplicitVRLittleEndian)])
+    with sock:
+        if what == "unknown-context":
+            sock.sendall(b"".join(pdata_pdus(3, _command(0x0030, 1, Verification), True, 0)))
+        elif what == "unknown-pdu":
+            sock.sendall(b"\x09\x00\x00\x00\x00\x02\x00\x00")
+        elif what == "data-before-command":
+            sock.sendall(b"".join(pdata_pdus(1, b"\x08\x00\x16\x00\x02\x00\x00\x001\x00", False, 0)))
+        else:
+            sock.sendall(b"\x01\x00\x00\x00\x00\x04\x00\x01\x00\x00")
+        _assert_aborted_by_node(sock)
+    assert _echo(s.port).returncode == 0
+
+
+def test_peer_abort_in_the_middle_of_a_data_set_leaves_nothing(scp: Any) -> None:
+    s = scp()
+    path = next(series_dir("P01").iterdir())
+    ds = pydicom.dcmread(path)
+    sock = _raw_associate(s.port, [(1, CTImageStorage, ImplicitVRLittleEndian)])
+    with sock:
+        sock.sendall(b"".join(pdata_pdus(1, _command(0x0001, 1, CTImageStorage, ds.SOPInstanceUID, data=True),
+                                         True, 0)))
+        raw = path.read_bytes()
+        sock.sendall(b"".join(pdata_pdus(1, raw[len(raw) // 2:], False, 16384)[:-1]))  # all but the last PDU
+        wait_until(lambda: any((s.cfg.spool_dir / ".incoming").glob("*")), 10, "incoming file")
+        sock.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-ABORT from the service user
+    wait_until(lambda: not any((s.cfg.spool_dir / ".incoming").glob("*")), 10, "incoming file removed")
+    assert s.files() == [] and s.instances() == 0
+    assert _echo(s.port).returncode == 0
+
+
+def test_silent_peers_are_dropped_after_the_timeouts(scp: Any) -> None:
+    s = scp(acse_timeout=0.5, network_timeout=0.5)
+    # ARTIM: a connection that never sends its A-ASSOCIATE-RQ
+    with socket.create_connection(("127.0.0.1", s.port), timeout=10) as quiet:
+        start = time.monotonic()
+        assert quiet.recv(16) == b""
+        assert time.monotonic() - start < 5
+    # network timeout: an association that goes silent
+    sock = _raw_associate(s.port, [(1, CTImageStorage, ImplicitVRLittleEndian)])
+    with sock:
+        start = time.monotonic()
+        with pytest.raises((EOFError, ConnectionResetError)):
+            _read_pdu(sock)
+        assert time.monotonic() - start < 5
+    wait_until(lambda: s.server.active_associations() == 0, 5, "slot freed")
+
+
+def test_rejected_presentation_contexts_are_named_and_accepted_ones_work(scp: Any) -> None:
+    s = scp()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.2.2.1")  # Study Root Q/R FIND: not served
+    ae.add_requested_context(CTImageStorage, ImplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", s.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == [CTImageStorage]
+    assert [cx.abstract_syntax for cx in assoc.rejected_contexts] == ["1.2.840.10008.5.1.4.1.2.2.1"]
+    assoc.release()
