@@ -285,6 +285,7 @@ class _SpoolSink:
         if outcome is not RecordOutcome.NEW:
             log.info("instance %s of series %s: %s", meta.sop_uid, meta.series_uid, outcome.value)
         self.assoc.state.setdefault("series", set()).add(meta.series_uid)
+        self.assoc.state["stored"] = self.assoc.state.get("stored", 0) + 1
         metrics.instance_received(spooled.size)
         if ctx.on_received is not None:
             ctx.on_received(meta, spooled.size, outcome)
@@ -312,6 +313,8 @@ class ReceiveContext:
     def released(self, assoc: Association) -> None:
         """The sender finished normally; that is evidence (not proof) its series are complete."""
         series = assoc.state.get("series")
+        log.info("association from %s released: %d instance(s) stored in %d series", assoc.peer,
+                 assoc.state.get("stored", 0), len(series or ()))
         if series:
             self.store.mark_released(sorted(series), now=time.time())
 
@@ -375,7 +378,8 @@ def _connection_preparer(cfg: Config) -> Any:
 
 def start_server(cfg: Config, ctx: ReceiveContext) -> UpperLayerServer:
     """Start listening (non-blocking); returns the server, whose ``shutdown()`` stops it."""
-    listener = socket.create_server((cfg.node.host, cfg.node.port), backlog=128,
+    family = socket.AF_INET6 if ":" in cfg.node.host else socket.AF_INET
+    listener = socket.create_server((cfg.node.host, cfg.node.port), family=family, backlog=128,
                                     reuse_port=hasattr(socket, "SO_REUSEPORT"))
     server = UpperLayerServer(acceptor_settings(cfg), ctx, supported_contexts(), listener,
                               prepare=_connection_preparer(cfg))

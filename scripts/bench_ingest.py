@@ -3,9 +3,11 @@
 
 Sends a generated CT series (default 300 slices of 512x512, 16 bit) over 1 association and over 4 concurrent
 associations (the series split in four) to each receiver, and prints instances/s and the ratios. All peers
-run with TCP_NODELAY=1. dicomnode runs with fsync on (its default); storescp and Orthanc with theirs.
+run with TCP_NODELAY=1. dicomnode runs with fsync on (its default); storescp and Orthanc with theirs (neither
+fsyncs). A last row, dicomnode with ``storage.fsync: false``, is a diagnostic only (never run a node like that):
+the gap between the two dicomnode rows is what durability costs on this disk.
 
-    python scripts/bench_ingest.py [--slices 300] [--repeat 3] [--receivers 4]
+    python scripts/bench_ingest.py [--slices 300] [--repeat 3] [--receivers N] [--no-diagnostic]
 
 Needs the Debian packages dcmtk and orthanc. Reported: the median over --repeat runs per configuration.
 """
@@ -13,6 +15,7 @@ Needs the Debian packages dcmtk and orthanc. Reported: the median over --repeat 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -112,7 +115,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--receivers", type=int, default=4, help="dicomnode receiver processes")
+    parser.add_argument("--receivers", type=int, default=os.cpu_count() or 1,
+                        help="dicomnode receiver processes (default: one per core)")
+    parser.add_argument("--no-diagnostic", action="store_true", help="skip the dicomnode run without fsync")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     try:
@@ -127,15 +132,20 @@ def main() -> int:
             pacs = Orthanc(target)
             return pacs.dicom_port, pacs.aet, pacs.stop
 
-        def dicomnode(target: Path) -> tuple[int, str, Callable[[], None]]:
+        def dicomnode(target: Path, fsync: bool = True) -> tuple[int, str, Callable[[], None]]:
             target.mkdir(parents=True)
             node = NodeProcess(target, node_config(target, node={"receivers": args.receivers},
+                                                   storage={"path": str(target / "data"), "min_free_mb": 1,
+                                                            "fsync": fsync},
                                                    completion={"quiet_seconds": 3600}, worker={"workers": 0}))
             node.start()
             return node.port, "DICOMNODE", lambda: (node.stop(), None)[1]
 
-        results = {name: measure(name, make, one, four, len(paths), args.repeat, work)
-                   for name, make in (("storescp", storescp), ("orthanc", orthanc), ("dicomnode", dicomnode))}
+        receivers: list[tuple[str, Callable[[Path], tuple[int, str, Callable[[], None]]]]] = [
+            ("storescp", storescp), ("orthanc", orthanc), ("dicomnode", dicomnode)]
+        if not args.no_diagnostic:
+            receivers.append(("(no fsync)", lambda target: dicomnode(target, fsync=False)))
+        results = {name: measure(name, make, one, four, len(paths), args.repeat, work) for name, make in receivers}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nIngest of {args.slices} CT slices 512x512 (median of {args.repeat}), instances/s:")
@@ -148,6 +158,10 @@ def main() -> int:
         one, four = node["1"] / results[ref]["1"], node["4"] / results[ref]["4"]
         print(f"  vs {ref:<9} 1 assoc {one:.2f}x   4 assoc {four:.2f}x")
     print(f"  dicomnode 4 assoc / 1 assoc: {node['4'] / node['1']:.2f}x (receivers={args.receivers})")
+    if "(no fsync)" in results:
+        bare = results["(no fsync)"]
+        print(f"  diagnostic, dicomnode without fsync vs storescp: 1 assoc {bare['1'] / results['storescp']['1']:.2f}x"
+              f"   4 assoc {bare['4'] / results['storescp']['4']:.2f}x")
     return 0
 
 

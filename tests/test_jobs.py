@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from pathlib import Path
 
 import pytest
@@ -196,3 +198,21 @@ def test_worker_step_runs_a_job_to_done_deterministically(tmp_path: Path) -> Non
     assert store.get_series("1.2.3").state is SeriesState.DONE  # type: ignore[union-attr]
     (delivery,) = store.deliveries(result.job_id)  # type: ignore[arg-type]
     assert delivery.state.value == "DRY_RUN"  # recorded what it would send; sent nothing (port 9 is closed)
+
+
+def test_writers_queue_on_a_lock_that_wakes_them_not_on_sqlite_polling(tmp_path: Path) -> None:
+    """A write transaction holds <db>.writer-lock (flock): another process' writer waits on it, not on SQLite's
+    sleeping busy handler; the lock is free again once the transaction ends, committed or rolled back."""
+    store = Store(tmp_path / "state.sqlite3")
+    other = os.open(tmp_path / "state.sqlite3.writer-lock", os.O_RDWR | os.O_CREAT)  # as another process would
+    try:
+        with store.transaction():
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(other, fcntl.LOCK_UN)
+        with pytest.raises(RuntimeError), store.transaction():
+            raise RuntimeError("rolled back")
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(other)
