@@ -82,7 +82,6 @@ def _text(ds: Dataset, keyword: str) -> str:
 
 
 _UNCOMPRESSED = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _PIXEL_TAGS = {PIXEL_DATA: "PixelData", FLOAT_PIXEL_DATA: "FloatPixelData", DOUBLE_PIXEL_DATA: "DoubleFloatPixelData"}
 
 
@@ -101,15 +100,15 @@ def _header_with_pydicom(path: Path, size: int, transfer_syntax: str) -> Header:
     if len(ds) == 0:
         raise _Reject(CANNOT_UNDERSTAND, "data set cannot be parsed: no data element could be read")
     header = Header(values)
-    present = [k for k in _PIXEL_KEYWORDS if k in ds]
+    present = [(tag, keyword) for tag, keyword in _PIXEL_TAGS.items() if keyword in ds]
     if present:
-        header.pixel_tag = next(t for t, k in _PIXEL_TAGS.items() if k == present[0])
-        raw: Any = ds.get_item(present[0], keep_deferred=True)
+        header.pixel_tag, keyword = present[0]
+        raw: Any = ds.get_item(keyword, keep_deferred=True)
         if getattr(raw, "value", None) is None and getattr(raw, "value_tell", None) is not None:
             header.pixel_length = None if raw.length == 0xFFFFFFFF else int(raw.length)
             header.pixel_available = max(0, min(int(raw.length), size - int(raw.value_tell)))  # what the file holds
         else:
-            header.pixel_length = header.pixel_available = len(ds[present[0]].value or b"")
+            header.pixel_length = header.pixel_available = len(ds[keyword].value or b"")
     return header
 
 

@@ -140,9 +140,10 @@ class IncomingFile:
         self._pending += piece
         self.size += len(piece)
         if len(self._pending) >= _WRITE_CHUNK:
-            self._flush()
+            self.flush()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Hand everything written so far to the operating system (readable by path; not yet durable)."""
         if self._fd is None:
             raise ValueError("the incoming file was already committed or discarded")
         view = memoryview(self._pending)
@@ -157,10 +158,6 @@ class IncomingFile:
             view.release()
         self._pending.clear()
 
-    def flush(self) -> None:
-        """Hand everything written so far to the operating system (readable by path; not yet durable)."""
-        self._flush()
-
     def mapped(self) -> mmap.mmap:
         """The file written so far, mapped read-only (flush first). Close the map (and views of it) after use."""
         if self._fd is None:
@@ -170,7 +167,7 @@ class IncomingFile:
     def commit(self, series_uid: str, sop_uid: str) -> SpooledFile:
         """Make the file durable under ``<root>/<series>/<sop>.dcm`` (atomically replacing an earlier copy)."""
         final = self.spool.path_for(series_uid, sop_uid)
-        self._flush()
+        self.flush()
         assert self._fd is not None
         if self.spool.fsync:
             os.fsync(self._fd)

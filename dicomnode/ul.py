@@ -26,6 +26,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
@@ -319,6 +320,7 @@ class _Acceptor:
         self.sock = sock
         self.address = address
         self.reader = _Reader(sock)
+        self.has_slot = False
         self.assoc: Association | None = None
         # the DIMSE message being received
         self.command = bytearray()
@@ -432,7 +434,7 @@ class _Acceptor:
             self.handler.rejected(self.address[0], calling, REJECT_REASONS[reject])
             self._send_quietly(_reject_pdu(*reject))
             return False
-        self.server.slot_taken = True  # released by the server when this thread ends
+        self.has_slot = True  # the server releases it when this association's thread ends
 
         peer_max, roles = 0, {}  # roles: {SOP class UID: (SCU role, SCP role)}
         for item in primitive.user_information:
@@ -586,7 +588,6 @@ class UpperLayerServer:
         self.prepare = prepare
         self._lock = threading.Lock()
         self._active = 0
-        self._local = threading.local()
         self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()
 
@@ -594,16 +595,8 @@ class UpperLayerServer:
     def server_address(self) -> tuple[str, int]:
         return cast(tuple[str, int], self.listener.getsockname()[:2])
 
-    # association slots (the acceptor reserves one while negotiating; released when its thread ends)
-    @property
-    def slot_taken(self) -> bool:
-        return bool(getattr(self._local, "slot", False))
-
-    @slot_taken.setter
-    def slot_taken(self, value: bool) -> None:
-        self._local.slot = value
-
     def reserve_slot(self) -> bool:
+        """Take one of ``max_associations`` slots (an acceptor, while negotiating); False when none is free."""
         with self._lock:
             if self._active >= self.settings.max_associations:
                 return False
@@ -629,6 +622,7 @@ class UpperLayerServer:
                              name=f"assoc-{address[0]}:{address[1]}").start()
 
     def _connection(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        acceptor: _Acceptor | None = None
         try:
             sock.settimeout(None)
             prepared = self.prepare(sock, address) if self.prepare else sock
@@ -638,15 +632,15 @@ class UpperLayerServer:
             sock = prepared
             with self._lock:
                 self._connections.add(sock)
-            _Acceptor(self, sock, address).run()
+            acceptor = _Acceptor(self, sock, address)
+            acceptor.run()
         except Exception:
             log.exception("connection from %s failed", address[0])
         finally:
             with self._lock:
                 self._connections.discard(sock)
-                if self.slot_taken:
+                if acceptor is not None and acceptor.has_slot:
                     self._active -= 1
-            self.slot_taken = False
             try:
                 sock.close()
             except OSError:
@@ -659,14 +653,12 @@ class UpperLayerServer:
             self.listener.close()
         except OSError:
             pass
-        deadline = threading.Event()
-        waited = 0.0
-        while waited < grace:
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
             with self._lock:
                 if not self._connections:
                     return
-            deadline.wait(0.05)
-            waited += 0.05
+            time.sleep(0.05)
         with self._lock:
             open_now = list(self._connections)
         for sock in open_now:

@@ -138,17 +138,18 @@ def stored_count(out: subprocess.CompletedProcess[str]) -> int:
 
 
 class StoreSCP:
-    """DCMTK storescp writing everything it receives under ``folder``."""
+    """DCMTK storescp writing everything it receives under ``folder``; ``options`` go before the port
+    (default ``+xa``: accept every transfer syntax)."""
 
-    def __init__(self, folder: Path, ae_title: str = "STORESCP") -> None:
+    def __init__(self, folder: Path, ae_title: str = "STORESCP", options: tuple[str, ...] = ("+xa",)) -> None:
         self.folder = folder
         self.ae_title = ae_title
         self.port = free_port()
         folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [dcmtk("storescp"), "-aet", ae_title, "-od", str(folder), "+xa", "-uf", str(self.port)],
+            [dcmtk("storescp"), "-aet", ae_title, "-od", str(folder), "-uf", *options, str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=PEER_ENV)
-        wait_until(lambda: port_open(self.port), 20, "storescp to listen")
+        wait_until(lambda: port_open(self.port), 20, f"storescp {ae_title} to listen")
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.folder.rglob("*") if p.is_file())

@@ -15,10 +15,9 @@ from tests.conftest import series_dir
 from tests.peers import (
     PEER_ENV,
     NodeProcess,
+    StoreSCP,
     dcmtk,
-    free_port,
     node_config,
-    port_open,
     stored_count,
     wait_until,
 )
@@ -47,32 +46,16 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-class TlsStoreSCP:
+def tls_store_scp(folder: Path, certs: Path) -> StoreSCP:
     """DCMTK storescp speaking TLS only, requiring a client certificate signed by the test CA."""
-
-    def __init__(self, folder: Path, certs: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        folder.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [dcmtk("storescp"), "-aet", "TLSSCP", "-od", str(folder), "-uf", "+tls",
-             str(certs / "server.key"), str(certs / "server.crt"), "+cf", str(certs / "ca.crt"),
-             str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=PEER_ENV)
-        wait_until(lambda: port_open(self.port), 20, "TLS storescp to listen")
-
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.folder.rglob("*") if p.is_file())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+    return StoreSCP(folder, "TLSSCP", options=("+tls", str(certs / "server.key"), str(certs / "server.crt"),
+                                                "+cf", str(certs / "ca.crt")))
 
 
 @pytest.fixture(scope="module")
 def tls_env(certs: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     workdir = tmp_path_factory.mktemp("tls")
-    scp = TlsStoreSCP(workdir / "scp", certs)
+    scp = tls_store_scp(workdir / "scp", certs)
     tls = {"enabled": True, "cert_file": str(certs / "server.crt"), "key_file": str(certs / "server.key"),
            "ca_file": str(certs / "ca.crt")}
     cfg = node_config(workdir, node={"tls": tls}, completion={"quiet_seconds": 0.5},

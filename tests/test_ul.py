@@ -26,7 +26,7 @@ from dicomnode.config import parse_config
 from dicomnode.scp import ReceiveContext, start_server
 from dicomnode.service import open_spool
 from dicomnode.store import Store
-from dicomnode.ul import decode_command, encode_response, pdata_pdus
+from dicomnode.ul import decode_command, pdata_pdus
 from tests.conftest import series_dir
 from tests.peers import PEER_ENV, dcmtk, node_config, wait_until
 
@@ -116,16 +116,19 @@ def _recv(sock: socket.socket, n: int) -> bytes:
 
 
 def _command(field: int, message_id: int, sop_class: str, sop_instance: str = "", data: bool = False) -> bytes:
-    """A request command set; encode_response writes the same layout with bit 15 of the field set."""
-    raw = encode_response(field, message_id, 0, sop_class, sop_instance)
-    cmd = decode_command(raw)
-    cmd[0x00000100] = struct.pack("<H", field)
-    cmd[0x00000800] = struct.pack("<H", 0x0000 if data else 0x0101)
-    del cmd[0x00000900], cmd[0x00000120]
-    cmd[0x00000110] = struct.pack("<H", message_id)
-    body = b"".join(struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(v)) + v
-                    for tag, v in sorted(cmd.items()) if tag != 0)
-    return struct.pack("<HHL", 0, 0, 4) + struct.pack("<L", len(body)) + body
+    """A DIMSE request command set, encoded by hand (implicit VR little endian, group 0000, tags ascending)."""
+    def element(elem: int, value: bytes) -> bytes:
+        return struct.pack("<HHL", 0x0000, elem, len(value)) + value
+
+    def uid(value: str) -> bytes:
+        return value.encode() + (b"\x00" if len(value) % 2 else b"")
+
+    body = element(0x0002, uid(sop_class)) + element(0x0100, struct.pack("<H", field))
+    body += element(0x0110, struct.pack("<H", message_id))
+    body += element(0x0800, struct.pack("<H", 0x0000 if data else 0x0101))
+    if sop_instance:
+        body += element(0x1000, uid(sop_instance))
+    return element(0x0000, struct.pack("<L", len(body))) + body
 
 
 def _assert_aborted_by_node(sock: socket.socket) -> None:
