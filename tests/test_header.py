@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -54,7 +55,7 @@ def test_walk_agrees_with_pydicom_on_all_shared_data(head: int | None) -> None:
         expected = {kw: _expected(ds, kw) for kw in WANTED.values() if kw in ds}
         assert header.values == expected, path
         if "PixelData" in ds:
-            raw = ds.get_item("PixelData", keep_deferred=True)
+            raw: Any = ds.get_item("PixelData", keep_deferred=True)
             assert header.pixel_tag == PIXEL_DATA
             assert header.pixel_length == (None if raw.length == 0xFFFFFFFF else raw.length), path
     assert walked >= len(files) - (1 if head is None else 120)

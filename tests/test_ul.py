@@ -166,6 +166,7 @@ def test_association_limit_rejects_transiently_and_frees_the_slot(scp: Any) -> N
     second = _ae().associate("127.0.0.1", s.port, ae_title="DICOMNODE")
     assert second.is_rejected
     rj = second.acceptor.primitive
+    assert rj is not None
     assert (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2)  # transient, presentation, local limit
     first.release()
     wait_until(lambda: s.server.active_associations() == 0, 10, "slot freed")
