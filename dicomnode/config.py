@@ -74,7 +74,7 @@ class NodeConfig:
     allowed_hosts: tuple[str, ...] = ()  # empty: accept any peer address
     max_associations: int = 16  # per receiver process
     max_pdu_size: int = 0  # 0 = unlimited
-    receivers: int = 1  # receiver processes sharing the port (SO_REUSEPORT)
+    receivers: int = 1  # receiver processes accepting from the node's one listening socket
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0

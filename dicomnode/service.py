@@ -1,10 +1,10 @@
 """Wiring: build the pieces from the config and run receivers and workers as separate processes.
 
-``serve`` = one supervisor process + ``node.receivers`` receiver processes (pynetdicom servers sharing the port
-through SO_REUSEPORT, so several associations are received in parallel without sharing a GIL) + ``worker.workers``
-worker processes (each with its own resident model, so inference never slows receiving). They share nothing
-but the spool and the SQLite store. SIGTERM or SIGINT stops them gracefully: receivers stop accepting and
-finish their associations, workers finish (or abandon, lease intact) their current job.
+``serve`` = one supervisor process + ``node.receivers`` receiver processes (Storage SCPs accepting from one
+listening socket the supervisor opens, so several associations are received in parallel without sharing a GIL)
++ ``worker.workers`` worker processes (each with its own resident model, so inference never slows receiving).
+They share nothing but the spool and the SQLite store. SIGTERM or SIGINT stops them gracefully: receivers stop
+accepting and finish their associations, workers finish (or abandon, lease intact) their current job.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from dicomnode.config import Config
 from dicomnode.pipeline import PipelineContext, Producer
 from dicomnode.recovery import recover, requeue_dead_workers
 from dicomnode.routing import make_router
-from dicomnode.scp import ReceiveContext, start_server
+from dicomnode.scp import ReceiveContext, listen, start_server
 from dicomnode.scu import ScuSettings, client_ssl_context
 from dicomnode.spool import Spool
 from dicomnode.store import Store
@@ -93,18 +94,22 @@ def _child_setup(cfg: Config) -> _Signals:
     return _Signals()
 
 
-def receiver_main(cfg: Config, index: int, stop: Any) -> None:
-    """Entry point of a receiver process."""
+def receiver_main(cfg: Config, index: int, stop: Any, ready: Any = None,
+                  listener: socket.socket | None = None) -> None:
+    """Entry point of a receiver process: accepts on ``listener`` (the supervisor's) and sets ``ready`` (shared with
+    the supervisor) once it does."""
     signals = _child_setup(cfg)
     ctx = ReceiveContext(cfg, open_spool(cfg), Store(cfg.db_path))
-    server = start_server(cfg, ctx)
+    server = start_server(cfg, ctx, listener)
+    if ready is not None:
+        ready.set()
     while not signals.wait(stop):
         pass
     server.shutdown()
     log.info("receiver %d stopped", index)
 
 
-def worker_main(cfg: Config, index: int, stop: Any) -> None:
+def worker_main(cfg: Config, index: int, stop: Any, ready: Any = None) -> None:
     """Entry point of a worker process."""
     signals = _child_setup(cfg)
     local_stop = threading.Event()
@@ -131,6 +136,7 @@ class _Child:
     index: int
     process: Any = None
     restarts: int = 0
+    ready: Any = None  # an Event the child sets when it serves (receivers: once listening)
 
 
 def _health(children: list[_Child], started: float) -> dict[str, Any]:
@@ -147,12 +153,26 @@ def _health(children: list[_Child], started: float) -> dict[str, Any]:
     return doc
 
 
+def _wait_for_receivers(children: list[_Child], signals: _Signals, stop: Any, limit: float = 120.0) -> None:
+    """Return once every receiver listens (or has died: the loop in ``serve`` restarts it), so that "serving"
+    in the log means every receiver process takes associations, not only the first to start."""
+    deadline = time.monotonic() + limit
+    for child in children:
+        if child.target is not receiver_main:
+            continue
+        while not child.ready.wait(0.1):
+            if not child.process.is_alive() or signals.raised or stop.is_set() or time.monotonic() > deadline:
+                log.warning("%s is not listening yet", child.name)
+                return
+
+
 def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
     """Run the node until SIGTERM/SIGINT. Returns the exit code."""
     spawn = mp.get_context("spawn")
     stop = spawn.Event()
     if cfg.metrics.enabled:
         metrics.prepare_multiprocess(cfg)  # before any child is spawned: they inherit the directory
+    listener = listen(cfg)  # before anything else: a port in use is the first error to report
     store = Store(cfg.db_path)
     report = recover(store, open_spool(cfg), reprocess_late=cfg.completion.on_late_instance.value == "reprocess")
     log.info("recovered: %s", report)
@@ -160,12 +180,17 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
     children += [_Child(f"worker-{i}", worker_main, i) for i in range(cfg.worker.workers)]
 
     def start(child: _Child) -> None:
-        child.process = spawn.Process(target=child.target, args=(cfg, child.index, stop), name=child.name)
+        child.ready = spawn.Event()
+        args: tuple[Any, ...] = (cfg, child.index, stop, child.ready)
+        if child.target is receiver_main:
+            args += (listener,)  # passed to the spawned process as a duplicate of the descriptor
+        child.process = spawn.Process(target=child.target, args=args, name=child.name)
         child.process.start()
 
     signals = _Signals()
     for child in children:
         start(child)
+    _wait_for_receivers(children, signals, stop)
     http = None
     if cfg.metrics.enabled:
         started_at = time.time()
@@ -188,6 +213,7 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
                 start(child)
     log.info("stopping")
     stop.set()
+    listener.close()  # the receivers close their copies as they stop; then the port refuses connections
     for child in children:
         child.process.join(timeout=30)
         if child.process.is_alive():

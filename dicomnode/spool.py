@@ -9,6 +9,7 @@ survives a power cut. Temporary files left by a crash are removed at start-up; t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import mmap
@@ -80,14 +81,16 @@ class Spool:
             incoming.discard()
             raise
 
-    def incoming(self) -> IncomingFile:
+    def incoming(self, near: str | None = None) -> IncomingFile:
         """A new temporary file for an instance whose identity is not known yet (it arrives in pieces).
 
-        Raises :class:`OutOfSpace` when free space is under the floor.
+        ``near``: the series the instance probably belongs to (the previous one on the same association); the
+        file is made in that series' folder when it exists, so committing it there is a rename within one
+        folder. Raises :class:`OutOfSpace` when free space is under the floor.
         """
         if not self.has_room():
             raise OutOfSpace(f"free space on {self.root} is below {self.min_free_bytes // 2**20} MiB")
-        return IncomingFile(self)
+        return IncomingFile(self, near)
 
     def scan(self) -> Iterator[SpooledFile]:
         """Every complete instance file in the spool (temporary files are skipped)."""
@@ -119,21 +122,31 @@ class Spool:
 
 
 class IncomingFile:
-    """An instance being written as it arrives: a temporary file under ``<root>/.incoming``.
+    """An instance being written as it arrives: a temporary ``.tmp-*.part`` file in the folder of the series it
+    probably belongs to, or in ``<root>/.incoming``.
 
     ``write`` gathers pieces into large writes; ``commit`` makes the file durable under its final name (fsync the
-    file, rename it into its series folder, fsync that folder); ``discard`` removes it. A crash leaves at most a
-    file in ``.incoming``, which start-up recovery removes: it was never acknowledged.
+    file, rename it into its series folder, fsync that folder); ``discard`` removes it. A crash leaves at most
+    such a temporary file, which start-up recovery removes: it was never acknowledged.
     """
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, near: str | None = None) -> None:
         self.spool = spool
-        folder = spool.root / INCOMING_DIR
-        folder.mkdir(exist_ok=True)
-        self.path = folder / f"{os.getpid()}-{threading.get_ident():x}-{next(_counter)}.part"
         self.size = 0
         self._pending = bytearray()
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o640)
+        name = f"{_TMP_PREFIX}{os.getpid()}-{threading.get_ident():x}-{next(_counter)}.part"
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
+        if near is not None and is_valid_uid(near):
+            self.path = spool.root / near / name
+            try:
+                self._fd: int | None = os.open(self.path, flags, 0o640)
+                return
+            except FileNotFoundError:
+                pass  # no such series folder (yet, or any more)
+        folder = spool.root / INCOMING_DIR
+        folder.mkdir(exist_ok=True)
+        self.path = folder / name
+        self._fd = os.open(self.path, flags, 0o640)
 
     def write(self, piece: memoryview | bytes) -> None:
         """Append ``piece``. Raises :class:`OutOfSpace` when the disk fills (the caller then discards)."""
@@ -158,11 +171,19 @@ class IncomingFile:
             view.release()
         self._pending.clear()
 
-    def mapped(self) -> mmap.mmap:
-        """The file written so far, mapped read-only (flush first). Close the map (and views of it) after use."""
+    @contextlib.contextmanager
+    def contents(self) -> Iterator[memoryview]:
+        """Everything written so far, as one view valid inside the ``with``: from memory when none of it has
+        gone to the file yet (an instance under the write chunk), else from a read-only map of the file."""
         if self._fd is None:
             raise ValueError("the incoming file was already committed or discarded")
-        return mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        if self.size == len(self._pending):
+            with memoryview(self._pending) as view:
+                yield view
+            return
+        self.flush()
+        with mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+            yield view
 
     def commit(self, series_uid: str, sop_uid: str) -> SpooledFile:
         """Make the file durable under ``<root>/<series>/<sop>.dcm`` (atomically replacing an earlier copy)."""

@@ -157,6 +157,9 @@ class StorageHandler(Protocol):
 
     def open_store(self, assoc: Association, request: StoreRequest) -> DataSink: ...
 
+    def answered(self, assoc: Association) -> None:
+        """Called after a C-STORE response went out, while the peer prepares its next request."""
+
     def released(self, assoc: Association) -> None: ...
 
     def aborted(self, assoc: Association) -> None: ...
@@ -562,6 +565,8 @@ class _Acceptor:
         else:
             status, comment = sink.finish()
         self._send_command(context_id, encode_response(field_, message_id, status, sop_class, sop_instance, comment))
+        if sink is not None:
+            self.handler.answered(cast(Association, self.assoc))
 
     def _send_command(self, context_id: int, command: bytes) -> None:
         assoc = cast(Association, self.assoc)

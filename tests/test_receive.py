@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -293,3 +295,17 @@ def test_receiving_continues_while_the_node_is_busy(node: Any) -> None:
     assert results == {"CT1": 64, "CT2": 64}
     series = n.status()["series"]
     assert sorted((s["calling_aet"], s["instances"]) for s in series) == [("CT1", 64), ("CT2", 64)]
+    # "serving" is logged once both receivers accept from the shared socket
+    assert {m.group(1) for m in re.finditer(r" (receiver-\d) dicomnode.scp: listening as", n.log())} == {
+        "receiver-0", "receiver-1"}
+
+
+def test_a_port_in_use_stops_serve_with_a_clear_error(tmp_path: Path) -> None:
+    """A second node (or anything else) on the port: serve fails at once; it never shares the port."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        n = NodeProcess(tmp_path, node_config(tmp_path, node={"host": "127.0.0.1", "port": port}))
+        out = subprocess.run([sys.executable, "-m", "dicomnode", "serve", "-c", str(n.config_path)],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in out.stderr

@@ -194,6 +194,36 @@ def test_small_pdus_and_deflate_store_the_data_set_as_sent(scp: Any) -> None:
         assert copy.PixelData == original.PixelData and copy.SOPInstanceUID == original.SOPInstanceUID
 
 
+def test_the_next_spool_file_is_made_between_instances_and_removed_at_release(scp: Any) -> None:
+    s = scp()
+    files = sorted(series_dir("P03").iterdir())[:3]
+    series = s.cfg.spool_dir / str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    assoc = _ae(ImplicitVRLittleEndian).associate("127.0.0.1", s.port, ae_title="DICOMNODE")
+    assert [assoc.send_c_store(pydicom.dcmread(p)).Status for p in files] == [0, 0, 0]
+    wait_until(lambda: len(list(series.glob(".tmp-*.part"))) == 1, 10, "the spare file in the series folder")
+    assert len(list(s.spool.scan())) == 3 and s.instances() == 3  # a spare is no instance
+    assoc.release()
+    wait_until(lambda: not [p for p in s.files() if p.suffix == ".part"], 10, "the spare removed")
+    assert sorted(p.name for p in series.iterdir()) == sorted(f"{pydicom.dcmread(p).SOPInstanceUID}.dcm"
+                                                              for p in files)
+
+
+def test_an_instance_larger_than_the_write_chunk_is_stored_intact(scp: Any) -> None:
+    (src,) = sorted(series_dir("P06").iterdir())  # enhanced MR, 3.4 MB in one object
+    original = pydicom.dcmread(src)
+    s = scp()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(original.SOPClassUID, original.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", s.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    assert assoc.send_c_store(original).Status == 0
+    assoc.release()
+    (kept,) = [p for p in s.files() if p.suffix == ".dcm"]
+    copy = pydicom.dcmread(kept)
+    assert kept.stem == original.SOPInstanceUID and s.instances() == 1
+    assert copy.PixelData == original.PixelData and copy.NumberOfFrames == original.NumberOfFrames
+
+
 def test_failure_statuses_carry_an_error_comment(scp: Any, tmp_path: Path) -> None:
     s = scp()
     src = pydicom.dcmread(next(series_dir("P03").iterdir()))
