@@ -9,7 +9,8 @@ the gap between the two dicomnode rows is what durability costs on this disk.
 
     python scripts/bench_ingest.py [--slices 300] [--repeat 3] [--receivers N] [--no-diagnostic]
 
-Needs the Debian packages dcmtk and orthanc. Reported: the median over --repeat runs per configuration.
+Needs the Debian packages dcmtk and orthanc. Reported: the median over --repeat runs per configuration; the runs
+are interleaved (every receiver once per repeat), so drift on a shared machine affects all receivers alike.
 """
 
 from __future__ import annotations
@@ -96,19 +97,22 @@ def send(port: int, aec: str, folders: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def measure(name: str, make: Callable[[Path], tuple[int, str, Callable[[], None]]], one: list[Path],
-            four: list[Path], n: int, repeat: int, work: Path) -> dict[str, float]:
-    rates: dict[str, list[float]] = {"1": [], "4": []}
+def measure(receivers: list[tuple[str, Callable[[Path], tuple[int, str, Callable[[], None]]]]], one: list[Path],
+            four: list[Path], n: int, repeat: int, work: Path) -> dict[str, dict[str, float]]:
+    """Median rates per receiver and mode. Runs are interleaved (each repeat runs every receiver once), so a
+    shared machine that slows down or speeds up during the benchmark shifts every receiver alike."""
+    rates: dict[str, dict[str, list[float]]] = {name: {"1": [], "4": []} for name, _ in receivers}
     for r in range(repeat):
-        for mode, folders in (("1", one), ("4", four)):
-            target = work / f"{name}-{mode}-{r}"
-            port, aec, stop = make(target)
-            try:
-                rates[mode].append(n / send(port, aec, folders))
-            finally:
-                stop()
-                shutil.rmtree(target, ignore_errors=True)
-    return {mode: statistics.median(v) for mode, v in rates.items()}
+        for name, make in receivers:
+            for mode, folders in (("1", one), ("4", four)):
+                target = work / f"{name}-{mode}-{r}"
+                port, aec, stop = make(target)
+                try:
+                    rates[name][mode].append(n / send(port, aec, folders))
+                finally:
+                    stop()
+                    shutil.rmtree(target, ignore_errors=True)
+    return {name: {mode: statistics.median(v) for mode, v in by_mode.items()} for name, by_mode in rates.items()}
 
 
 def main() -> int:
@@ -145,7 +149,7 @@ def main() -> int:
             ("storescp", storescp), ("orthanc", orthanc), ("dicomnode", dicomnode)]
         if not args.no_diagnostic:
             receivers.append(("(no fsync)", lambda target: dicomnode(target, fsync=False)))
-        results = {name: measure(name, make, one, four, len(paths), args.repeat, work) for name, make in receivers}
+        results = measure(receivers, one, four, len(paths), args.repeat, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\nIngest of {args.slices} CT slices 512x512 (median of {args.repeat}), instances/s:")
