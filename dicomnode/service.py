@@ -110,7 +110,7 @@ def receiver_main(cfg: Config, index: int, stop: Any, ready: Any = None,
 
 
 def worker_main(cfg: Config, index: int, stop: Any, ready: Any = None) -> None:
-    """Entry point of a worker process."""
+    """Entry point of a worker process; sets ``ready`` once its pipelines (and model) are loaded."""
     signals = _child_setup(cfg)
     local_stop = threading.Event()
 
@@ -121,6 +121,8 @@ def worker_main(cfg: Config, index: int, stop: Any, ready: Any = None) -> None:
 
     threading.Thread(target=watch, daemon=True, name="stop-watch").start()
     worker = make_worker(cfg, index)
+    if ready is not None:
+        ready.set()
     if cfg.metrics.enabled:
         from dicomnode.metrics import job_hook  # noqa: PLC0415
 
