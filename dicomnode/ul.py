@@ -23,6 +23,7 @@ unexpected or unrecognised PDU, on an unknown presentation context and on a malf
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import struct
 import threading
@@ -104,6 +105,9 @@ class AcceptorSettings:
     max_associations: int = 16
     implementation_uid: str = ""
     implementation_version: str = ""
+    # Several receiver processes sharing one listening socket: a receiver with open connections waits this long
+    # per connection before it takes a new one, so that the least busy receiver takes it (0: take it at once).
+    yield_per_connection: float = 0.0
 
 
 @dataclass
@@ -593,6 +597,7 @@ class UpperLayerServer:
         self.prepare = prepare
         self._lock = threading.Lock()
         self._active = 0
+        self._accepted = 0  # connections accepted and not yet closed (negotiating or not)
         self._connections: set[socket.socket] = set()
         self._stopping = threading.Event()
 
@@ -613,16 +618,28 @@ class UpperLayerServer:
             return self._active
 
     def serve_forever(self) -> None:
-        self.listener.settimeout(0.5)
+        listener = self.listener
+        listener.setblocking(False)  # readiness comes from poll; another receiver may take the connection first
+        poller = select.poll()
+        poller.register(listener, select.POLLIN)
         while not self._stopping.is_set():
-            try:
-                sock, address = self.listener.accept()
-            except TimeoutError:
+            if not poller.poll(500):
                 continue
+            if self.settings.yield_per_connection:
+                with self._lock:
+                    busy = self._accepted
+                if busy:  # every receiver woke up for this connection: let the idler ones take it first
+                    time.sleep(min(busy, 10) * self.settings.yield_per_connection)
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue  # taken by another receiver process
             except OSError:
                 if self._stopping.is_set():
                     return
                 raise
+            with self._lock:
+                self._accepted += 1
             threading.Thread(target=self._connection, args=(sock, address), daemon=True,
                              name=f"assoc-{address[0]}:{address[1]}").start()
 
@@ -643,6 +660,7 @@ class UpperLayerServer:
             log.exception("connection from %s failed", address[0])
         finally:
             with self._lock:
+                self._accepted -= 1
                 self._connections.discard(sock)
                 if acceptor is not None and acceptor.has_slot:
                     self._active -= 1

@@ -4,9 +4,11 @@ would run it); peers are pynetdicom, DCMTK and, for what no well-behaved peer se
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,10 +25,10 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from dicomnode import IMPLEMENTATION_CLASS_UID
 from dicomnode.config import parse_config
-from dicomnode.scp import ReceiveContext, start_server
+from dicomnode.scp import ReceiveContext, acceptor_settings, listen, start_server, supported_contexts
 from dicomnode.service import open_spool
 from dicomnode.store import Store
-from dicomnode.ul import decode_command, pdata_pdus
+from dicomnode.ul import UpperLayerServer, decode_command, pdata_pdus
 from tests.conftest import series_dir
 from tests.peers import PEER_ENV, dcmtk, node_config, wait_until
 
@@ -173,6 +175,32 @@ def test_association_limit_rejects_transiently_and_frees_the_slot(scp: Any) -> N
     third = _ae().associate("127.0.0.1", s.port, ae_title="DICOMNODE")
     assert third.is_established
     third.release()
+
+
+def test_a_new_association_goes_to_the_less_busy_of_two_receivers(tmp_path: Path) -> None:
+    """Two receivers (here two servers in one process) accept from one listening socket; each new association
+    wakes both, and the one with an open connection holds back so the idle one takes it."""
+    cfg = parse_config(node_config(tmp_path, node={"receivers": 2}, storage={"path": str(tmp_path / "data")}))
+    ctx = ReceiveContext(cfg, open_spool(cfg), Store(cfg.db_path))
+    listener = listen(cfg)
+    settings = dataclasses.replace(acceptor_settings(cfg), yield_per_connection=0.25)  # roomy for a busy CI
+    assert acceptor_settings(cfg).yield_per_connection > 0  # what serve gives each of its receivers
+    servers = [UpperLayerServer(settings, ctx, supported_contexts(), listener) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = listener.getsockname()[1]
+    try:
+        for _ in range(3):  # without the hold-back, which server wins is a coin toss each time
+            first = _ae().associate("127.0.0.1", port, ae_title="DICOMNODE")
+            second = _ae().associate("127.0.0.1", port, ae_title="DICOMNODE")
+            assert first.is_established and second.is_established
+            assert sorted(server.active_associations() for server in servers) == [1, 1]
+            first.release()
+            second.release()
+            wait_until(lambda: not any(server.active_associations() for server in servers), 10, "both released")
+    finally:
+        for server in servers:
+            server.shutdown(grace=0.5)
 
 
 def test_small_pdus_and_deflate_store_the_data_set_as_sent(scp: Any) -> None:
