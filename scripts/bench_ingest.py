@@ -10,7 +10,9 @@ the gap between the two dicomnode rows is what durability costs on this disk.
     python scripts/bench_ingest.py [--slices 300] [--repeat 3] [--receivers N] [--no-diagnostic]
 
 Needs the Debian packages dcmtk and orthanc. Reported: the median over --repeat runs per configuration; the runs
-are interleaved (every receiver once per repeat), so drift on a shared machine affects all receivers alike.
+are interleaved (every receiver once per repeat), so drift on a shared machine affects all receivers alike. Also
+reported: the CPU time per instance of each receiver (all its processes) and of the senders, and from them the
+most that four associations could reach on this machine's cores, where senders and receiver share them.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,35 +87,86 @@ def split(paths: list[Path], parts: int, root: Path) -> list[Path]:
     return folders
 
 
-def send(port: int, aec: str, folders: list[Path]) -> float:
-    """Seconds for len(folders) storescu processes (one association each) to send everything."""
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) used so far by process ``root`` and every live descendant (Linux /proc)."""
+    parent, used = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        parent[int(entry)] = int(fields[1])
+        used[int(entry)] = (int(fields[11]) + int(fields[12])) / _TICK
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += used.get(pid, 0.0)
+        todo += [child for child, ppid in parent.items() if ppid == pid]
+    return total
+
+
+@dataclass
+class Run:
+    seconds: float
+    sender_cpu: float  # CPU seconds of the storescu processes
+    receiver_cpu: float  # CPU seconds of the receiver's processes over the same interval
+
+
+@dataclass
+class Receiver:
+    port: int
+    ae_title: str
+    pid: int  # the receiver's process (its children are counted with it)
+    stop: Callable[[], None]
+
+
+def send(receiver: Receiver, folders: list[Path], work: Path) -> Run:
+    """len(folders) storescu processes (one association each) send everything; their time and CPU use."""
+    before = tree_cpu(receiver.pid)
     start = time.perf_counter()
-    procs = [subprocess.Popen([dcmtk("storescu"), "-aet", "BENCH", "-aec", aec, "+sd", "127.0.0.1", str(port),
-                               str(f)], env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for f in folders]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
-        if p.returncode != 0 or b"Store Failed" in err:
-            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
-    return time.perf_counter() - start
+    logs = [work / f"storescu-{i}.log" for i in range(len(folders))]
+    procs = []
+    for folder, log in zip(folders, logs, strict=True):
+        with open(log, "wb") as err:
+            procs.append(subprocess.Popen(
+                [dcmtk("storescu"), "-aet", "BENCH", "-aec", receiver.ae_title, "+sd", "127.0.0.1",
+                 str(receiver.port), str(folder)], env=PEER_ENV, stdout=subprocess.DEVNULL, stderr=err))
+    sender_cpu, failed = 0.0, []
+    for proc, log in zip(procs, logs, strict=True):
+        _, status, usage = os.wait4(proc.pid, 0)  # reaps it, with its resource use
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        sender_cpu += usage.ru_utime + usage.ru_stime
+        text = log.read_text(errors="replace")
+        if proc.returncode != 0 or "Store Failed" in text:
+            failed.append(text[-500:])
+    seconds = time.perf_counter() - start
+    receiver_cpu = tree_cpu(receiver.pid) - before
+    if failed:
+        raise RuntimeError(f"storescu failed: {failed[0]}")
+    return Run(seconds, sender_cpu, receiver_cpu)
 
 
-def measure(receivers: list[tuple[str, Callable[[Path], tuple[int, str, Callable[[], None]]]]], one: list[Path],
-            four: list[Path], n: int, repeat: int, work: Path) -> dict[str, dict[str, float]]:
-    """Median rates per receiver and mode. Runs are interleaved (each repeat runs every receiver once), so a
-    shared machine that slows down or speeds up during the benchmark shifts every receiver alike."""
-    rates: dict[str, dict[str, list[float]]] = {name: {"1": [], "4": []} for name, _ in receivers}
+def measure(receivers: list[tuple[str, Callable[[Path], Receiver]]], one: list[Path], four: list[Path],
+            repeat: int, work: Path) -> dict[str, dict[str, list[Run]]]:
+    """Runs per receiver and mode. Runs are interleaved (each repeat runs every receiver once), so a shared
+    machine that slows down or speeds up during the benchmark shifts every receiver alike."""
+    runs: dict[str, dict[str, list[Run]]] = {name: {"1": [], "4": []} for name, _ in receivers}
     for r in range(repeat):
         for name, make in receivers:
             for mode, folders in (("1", one), ("4", four)):
                 target = work / f"{name}-{mode}-{r}"
-                port, aec, stop = make(target)
+                receiver = make(target)
                 try:
-                    rates[name][mode].append(n / send(port, aec, folders))
+                    runs[name][mode].append(send(receiver, folders, work))
                 finally:
-                    stop()
+                    receiver.stop()
                     shutil.rmtree(target, ignore_errors=True)
-    return {name: {mode: statistics.median(v) for mode, v in by_mode.items()} for name, by_mode in rates.items()}
+    return runs
 
 
 def main() -> int:
@@ -128,45 +182,66 @@ def main() -> int:
         paths = generate_series(work / "series", args.slices)
         one, four = [work / "series"], split(paths, 4, work / "split")
 
-        def storescp(target: Path) -> tuple[int, str, Callable[[], None]]:
+        def storescp(target: Path) -> Receiver:
             scp = StoreSCP(target)
-            return scp.port, scp.ae_title, scp.stop
+            return Receiver(scp.port, scp.ae_title, scp.proc.pid, scp.stop)
 
-        def orthanc(target: Path) -> tuple[int, str, Callable[[], None]]:
+        def orthanc(target: Path) -> Receiver:
             pacs = Orthanc(target)
-            return pacs.dicom_port, pacs.aet, pacs.stop
+            assert pacs.proc is not None
+            return Receiver(pacs.dicom_port, pacs.aet, pacs.proc.pid, pacs.stop)
 
-        def dicomnode(target: Path, fsync: bool = True) -> tuple[int, str, Callable[[], None]]:
+        def dicomnode(target: Path, fsync: bool = True) -> Receiver:
             target.mkdir(parents=True)
             node = NodeProcess(target, node_config(target, node={"receivers": args.receivers},
                                                    storage={"path": str(target / "data"), "min_free_mb": 1,
                                                             "fsync": fsync},
                                                    completion={"quiet_seconds": 3600}, worker={"workers": 0}))
             node.start()
-            return node.port, "DICOMNODE", lambda: (node.stop(), None)[1]
+            assert node.proc is not None
+            return Receiver(node.port, "DICOMNODE", node.proc.pid, lambda: (node.stop(), None)[1])
 
-        receivers: list[tuple[str, Callable[[Path], tuple[int, str, Callable[[], None]]]]] = [
+        receivers: list[tuple[str, Callable[[Path], Receiver]]] = [
             ("storescp", storescp), ("orthanc", orthanc), ("dicomnode", dicomnode)]
         if not args.no_diagnostic:
             receivers.append(("(no fsync)", lambda target: dicomnode(target, fsync=False)))
-        results = measure(receivers, one, four, len(paths), args.repeat, work)
+        runs = measure(receivers, one, four, args.repeat, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\nIngest of {args.slices} CT slices 512x512 (median of {args.repeat}), instances/s:")
-    print(f"{'receiver':<12} {'1 assoc':>10} {'4 assoc':>10} {'4/1':>6}")
-    for name, r in results.items():
-        print(f"{name:<12} {r['1']:>10.0f} {r['4']:>10.0f} {r['4'] / r['1']:>6.2f}")
-    node = results["dicomnode"]
+    report(runs, len(paths), args.repeat, args.receivers)
+    return 0
+
+
+def report(runs: dict[str, dict[str, list[Run]]], n: int, repeat: int, receivers: int) -> None:
+    def median(name: str, mode: str, value: Callable[[Run], float]) -> float:
+        return statistics.median(value(run) for run in runs[name][mode])
+
+    rate = {name: {mode: median(name, mode, lambda run: n / run.seconds) for mode in "14"} for name in runs}
+    print(f"\nIngest of {n} CT slices 512x512 (median of {repeat}): instances/s, and CPU ms per instance of the")
+    print("receiver (all its processes) and of the storescu senders:")
+    print(f"{'receiver':<12} {'1 assoc':>8} {'4 assoc':>8} {'4/1':>5}   {'CPU 1':>6} {'CPU 4':>6}   "
+          f"{'sender 1':>8} {'sender 4':>8}")
+    for name, r in rate.items():
+        cpu = [median(name, mode, lambda run: 1000 * run.receiver_cpu / n) for mode in "14"]
+        sender = [median(name, mode, lambda run: 1000 * run.sender_cpu / n) for mode in "14"]
+        print(f"{name:<12} {r['1']:>8.0f} {r['4']:>8.0f} {r['4'] / r['1']:>5.2f}   {cpu[0]:>6.2f} {cpu[1]:>6.2f}   "
+              f"{sender[0]:>8.2f} {sender[1]:>8.2f}")
+    node = rate["dicomnode"]
     print("\nratios (dicomnode / reference):")
     for ref in ("storescp", "orthanc"):
-        one, four = node["1"] / results[ref]["1"], node["4"] / results[ref]["4"]
-        print(f"  vs {ref:<9} 1 assoc {one:.2f}x   4 assoc {four:.2f}x")
-    print(f"  dicomnode 4 assoc / 1 assoc: {node['4'] / node['1']:.2f}x (receivers={args.receivers})")
-    if "(no fsync)" in results:
-        bare = results["(no fsync)"]
-        print(f"  diagnostic, dicomnode without fsync vs storescp: 1 assoc {bare['1'] / results['storescp']['1']:.2f}x"
-              f"   4 assoc {bare['4'] / results['storescp']['4']:.2f}x")
-    return 0
+        print(f"  vs {ref:<9} 1 assoc {node['1'] / rate[ref]['1']:.2f}x   4 assoc {node['4'] / rate[ref]['4']:.2f}x")
+    print(f"  dicomnode 4 assoc / 1 assoc: {node['4'] / node['1']:.2f}x (receivers={receivers})")
+    # What four associations could reach at best here: the senders and the node share this machine's cores, so
+    # the rate cannot exceed cores / (CPU per instance of node + senders), however well the work overlaps.
+    cores = os.cpu_count() or 1
+    per_instance = median("dicomnode", "4", lambda run: (run.receiver_cpu + run.sender_cpu) / n)
+    bound = cores / per_instance
+    print(f"  CPU bound for 4 associations on {cores} cores: {bound:.0f}/s = {bound / node['1']:.2f}x the 1-association"
+          f" rate (reached {node['4'] / bound:.0%} of it)")
+    if "(no fsync)" in rate:
+        bare = rate["(no fsync)"]
+        print(f"  diagnostic, dicomnode without fsync vs storescp: 1 assoc {bare['1'] / rate['storescp']['1']:.2f}x"
+              f"   4 assoc {bare['4'] / rate['storescp']['4']:.2f}x")
 
 
 if __name__ == "__main__":
