@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dicomnode.store import JobState, Store  # noqa: E402
-from scripts.bench_ingest import generate_series, send  # noqa: E402
+from scripts.bench_ingest import Receiver, generate_series, send  # noqa: E402
 from scripts.synthetic import resliced_ct  # noqa: E402
 from tests.peers import NodeProcess, node_config, wait_until  # noqa: E402
 
@@ -46,11 +46,13 @@ def main() -> int:
                                   "match": {"series_description": "^resliced"}}])
         node = NodeProcess(work, cfg).start()
         store = Store(work / "data" / "dicomnode.sqlite3")
+        assert node.proc is not None
+        receiver = Receiver(node.port, "DICOMNODE", node.proc.pid, lambda: None)
         try:
-            idle = args.slices / send(node.port, "DICOMNODE", [probe_a])
-            send(node.port, "DICOMNODE", [heavy])
+            idle = args.slices / send(receiver, [probe_a], work).seconds
+            send(receiver, [heavy], work)
             wait_until(lambda: any(j.state is JobState.RUNNING for j in store.list_jobs()), 120, "job running")
-            busy = args.slices / send(node.port, "DICOMNODE", [probe_b])
+            busy = args.slices / send(receiver, [probe_b], work).seconds
             still_running = any(j.state is JobState.RUNNING for j in store.list_jobs())
         finally:
             node.stop()

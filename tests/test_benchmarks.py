@@ -1,0 +1,25 @@
+"""The benchmark scripts still run (on a tiny input; their numbers are not checked: timing is for the scripts,
+never for tests on a shared machine)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_ingest_benchmark_runs_every_receiver_and_reports_rates_cpu_and_the_bound() -> None:
+    out = subprocess.run([sys.executable, "scripts/bench_ingest.py", "--slices", "40", "--repeat", "1"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = {m.group(1): m.group(2).split() for m in re.finditer(r"^(storescp|orthanc|dicomnode|\(no fsync\))\s+(.*)$",
+                                                                 out.stdout, re.MULTILINE)}
+    assert set(rows) == {"storescp", "orthanc", "dicomnode", "(no fsync)"}
+    for name, values in rows.items():
+        rates, receiver_cpu, sender_cpu = values[:3], values[3:5], values[5:]
+        assert len(values) == 7 and all(float(v) > 0 for v in rates + sender_cpu), (name, values)
+        assert all(float(v) >= 0 for v in receiver_cpu), (name, values)  # /proc counts in 10 ms ticks
+    assert re.search(r"CPU bound for 4 associations on \d+ cores: \d+/s", out.stdout)
