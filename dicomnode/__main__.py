@@ -1,3 +1,3 @@
-from dicomnode.cli import main
+from dicomnode.ops.cli import main
 
 raise SystemExit(main())

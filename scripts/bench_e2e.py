@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicomnode.store import Store  # noqa: E402
+from dicomnode.state.store import Store  # noqa: E402
 from scripts.synthetic import P01, resliced_ct  # noqa: E402
 from tests.peers import NodeProcess, Orthanc, node_config, stored_count, storescu, wait_until  # noqa: E402
 

@@ -1,9 +1,9 @@
-"""Time :func:`dicomnode.encode.build_outputs` per output kind on P01 (64 slices) and a 300-slice series.
+"""Time :func:`dicomnode.outputs.encode.build_outputs` per output kind on P01 (64 slices) and a 300-slice series.
 
 Usage: python scripts/bench_encode.py [--repeat N] [--ct300 DIR] [--cache DIR] [--profile KIND]
 
 The 300-slice series is P01 re-sliced by :func:`scripts.synthetic.resliced_ct` (made in ``--ct300`` when
-missing). The lung masks (:func:`dicomnode.masks.lung_mask`, slow) are cached as ``.npy`` in ``--cache``
+missing). The lung masks (:func:`dicomnode.imaging.masks.lung_mask`, slow) are cached as ``.npy`` in ``--cache``
 keyed by the series' SeriesInstanceUID. Each kind is timed alone (``sr`` needs the SEG, so its row is
 ``seg+sr`` minus ``seg``); ``all`` is the default output set (seg, sr, sc) with overlay_every 4,
 overlay_max 24, as the example config ships. Times are the median of ``--repeat`` runs, in seconds, wall and CPU
@@ -25,10 +25,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicomnode.encode import build_outputs  # noqa: E402
-from dicomnode.labels import AIRWAYS, LUNG_LEFT, LUNG_RIGHT, LabelVolume  # noqa: E402
-from dicomnode.masks import ALGORITHM_VERSION, lung_mask  # noqa: E402
-from dicomnode.volume import Volume, load_series_dir  # noqa: E402
+from dicomnode.imaging.labels import AIRWAYS, LUNG_LEFT, LUNG_RIGHT, LabelVolume  # noqa: E402
+from dicomnode.imaging.masks import ALGORITHM_VERSION, lung_mask  # noqa: E402
+from dicomnode.imaging.volume import Volume, load_series_dir  # noqa: E402
+from dicomnode.outputs.encode import build_outputs  # noqa: E402
 from scripts.timing import median_times  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
+from dicomnode.imaging.volume import Volume, load_series_dir
 from dicomnode.inference import RunnerSettings, UNetSegmenter
 from dicomnode.inference.spec import prepare, restore_labels
-from dicomnode.volume import Volume, load_series_dir
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -74,7 +74,7 @@ def bench(volume: Volume, device: str, amp: bool, batch: int, repeats: int) -> R
 
 
 def classical_seconds(volume: Volume, repeats: int) -> float:
-    from dicomnode.masks import lung_mask
+    from dicomnode.imaging.masks import lung_mask
 
     lung_mask(volume)
     return _median_seconds(lambda: lung_mask(volume), repeats)

@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicomnode.store import JobState, Store  # noqa: E402
+from dicomnode.state.store import JobState, Store  # noqa: E402
 from scripts.bench_ingest import Receiver, generate_series, send  # noqa: E402
 from scripts.synthetic import resliced_ct  # noqa: E402
 from tests.peers import NodeProcess, node_config, wait_until  # noqa: E402

@@ -1,4 +1,4 @@
-"""Time the classical masks (:mod:`dicomnode.masks`) on P01 (64 slices) and a 300-slice chest series.
+"""Time the classical masks (:mod:`dicomnode.imaging.masks`) on P01 (64 slices) and a 300-slice chest series.
 
     python scripts/bench_masks.py [--repeat 3] [--ct300 DIR]
 
@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dicomnode.labels import LabelVolume  # noqa: E402
-from dicomnode.masks import body_mask, brain_mask, lung_mask  # noqa: E402
-from dicomnode.volume import Volume, load_series_dir  # noqa: E402
+from dicomnode.imaging.labels import LabelVolume  # noqa: E402
+from dicomnode.imaging.masks import body_mask, brain_mask, lung_mask  # noqa: E402
+from dicomnode.imaging.volume import Volume, load_series_dir  # noqa: E402
 from scripts.timing import median_times  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

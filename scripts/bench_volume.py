@@ -25,8 +25,8 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
-from dicomnode.preprocess import resample
-from dicomnode.volume import load_series
+from dicomnode.imaging.preprocess import resample
+from dicomnode.imaging.volume import load_series
 
 
 def make_series(folder: Path, slices: int, size: int = 512) -> list[Path]:

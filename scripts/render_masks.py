@@ -17,9 +17,9 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from dicomnode.labels import LabelVolume
-from dicomnode.masks import body_mask, brain_mask, lung_mask
-from dicomnode.volume import Volume, load_series_dir
+from dicomnode.imaging.labels import LabelVolume
+from dicomnode.imaging.masks import body_mask, brain_mask, lung_mask
+from dicomnode.imaging.volume import Volume, load_series_dir
 
 MASKS: dict[str, Callable[[Volume], LabelVolume]] = {
     "lung": lung_mask, "body": body_mask, "brain": brain_mask}

@@ -2,8 +2,8 @@
 
 Usage: python scripts/render_outputs.py OUT_DIR [SERIES_DIR]
 
-SERIES_DIR defaults to the shared P01 chest CT. The lung mask of :mod:`dicomnode.masks` is computed,
-:func:`dicomnode.encode.build_outputs` builds (and checks) the SC objects, and their pixels are written as
+SERIES_DIR defaults to the shared P01 chest CT. The lung mask of :mod:`dicomnode.imaging.masks` is computed,
+:func:`dicomnode.outputs.encode.build_outputs` builds (and checks) the SC objects, and their pixels are written as
 ``OUT_DIR/<SeriesNumber>_<InstanceNumber>.png``.
 """
 
@@ -12,10 +12,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dicomnode.encode import build_outputs
-from dicomnode.encode.render import write_pngs
-from dicomnode.masks import lung_mask
-from dicomnode.volume import load_series_dir
+from dicomnode.imaging.masks import lung_mask
+from dicomnode.imaging.volume import load_series_dir
+from dicomnode.outputs.encode import build_outputs
+from dicomnode.outputs.render import write_pngs
 
 DEFAULT_SERIES = Path(__file__).resolve().parents[2] / "shared" / "data"
 

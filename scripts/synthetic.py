@@ -16,8 +16,8 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
-from dicomnode.files import find_dicom_files
-from dicomnode.volume import load_series
+from dicomnode.imaging.files import find_dicom_files
+from dicomnode.imaging.volume import load_series
 
 REPO = Path(__file__).resolve().parents[1]
 P01 = REPO.parent / "shared" / "data" / "P01_ct_chest_philips_brilliance16_5mm_lungkernel"

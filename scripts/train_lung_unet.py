@@ -8,7 +8,7 @@ Data and split (by series; no series is in two splits):
   change and the whole inference path, not generalisation to new anatomy) + phantoms 20-23.
   P10/P11 hold P01's pixels and are not used.
 
-Labels (right lung 1, left lung 2, airways 3) come from the classical ``dicomnode.masks.lung_mask`` (the
+Labels (right lung 1, left lung 2, airways 3) come from the classical ``dicomnode.imaging.masks.lung_mask`` (the
 model imitates it). Input normalisation,
 resampling and label mapping come from :mod:`dicomnode.inference.spec`, the same code inference runs, and the
 spec is saved in the checkpoint. Usage: ``python scripts/train_lung_unet.py [--steps N] [--out PATH]``.
@@ -29,14 +29,14 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from dicomnode.imaging.labels import AIRWAYS, LUNG_LEFT, LUNG_RIGHT, LabelVolume
+from dicomnode.imaging.masks import lung_mask
+from dicomnode.imaging.volume import Volume, load_series_dir
 from dicomnode.inference.loaders import DEFAULT_LUNG_UNET, save_unet_checkpoint
 from dicomnode.inference.runner import RunnerSettings
 from dicomnode.inference.segmenter import UNetSegmenter
 from dicomnode.inference.spec import Orientation, PreprocessSpec, prepare
 from dicomnode.inference.unet import UNet3D, UNetConfig, count_parameters
-from dicomnode.labels import AIRWAYS, LUNG_LEFT, LUNG_RIGHT, LabelVolume
-from dicomnode.masks import lung_mask
-from dicomnode.volume import Volume, load_series_dir
 
 log = logging.getLogger("train_lung_unet")
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def series(prefix: str) -> Path:
 
 
 def classical_labels(volume: Volume) -> LabelVolume:
-    """The teacher: the classical ``dicomnode.masks.lung_mask`` (1 right lung, 2 left lung, 3 airways)."""
+    """The teacher: the classical ``dicomnode.imaging.masks.lung_mask`` (1 right lung, 2 left lung, 3 airways)."""
     return lung_mask(volume)
 
 

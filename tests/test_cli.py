@@ -184,6 +184,6 @@ def test_status_watch_repeats(env: Env) -> None:
 
 
 def test_cli_modules_do_not_import_torch() -> None:
-    code = ("import sys, dicomnode.cli, dicomnode.admin, dicomnode.metrics; "
+    code = ("import sys, dicomnode.ops.cli, dicomnode.ops.admin, dicomnode.telemetry.metrics; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -14,16 +14,16 @@ import pytest
 from pydicom.dataset import Dataset
 
 import dicomnode
-from dicomnode.encode import build_outputs, check_output, derive_uid
-from dicomnode.encode.render import write_pngs
-from dicomnode.encode.sc import overlay_slices
 from dicomnode.errors import PipelineError
-from dicomnode.labels import LabelVolume
-from dicomnode.volume import Volume, load_series_dir
+from dicomnode.imaging.labels import LabelVolume
+from dicomnode.imaging.volume import Volume, load_series_dir
+from dicomnode.outputs.encode import build_outputs, check_output, derive_uid
+from dicomnode.outputs.render import write_pngs
+from dicomnode.outputs.sc import overlay_slices
 from tests.conftest import series_dir
 
 try:  # the shared lung mask; the private threshold below stands in until masks.py is committed
-    from dicomnode.masks import lung_mask
+    from dicomnode.imaging.masks import lung_mask
 except ImportError:  # pragma: no cover
     lung_mask = None
 
@@ -35,7 +35,7 @@ KW = {"series_number_base": 9000, "overlay_every": 10, "overlay_max": 3,
 
 
 def _threshold_mask(volume: Volume) -> LabelVolume:
-    from dicomnode.labels import LUNG_LEFT, LUNG_RIGHT
+    from dicomnode.imaging.labels import LUNG_LEFT, LUNG_RIGHT
     air = volume.data < -400
     air[:, :, : volume.shape[2] // 8] = False
     labels = np.zeros(volume.shape, np.uint8)

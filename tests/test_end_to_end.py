@@ -13,9 +13,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.masks import lung_mask
-from dicomnode.store import JobState, Store
-from dicomnode.volume import load_series_dir
+from dicomnode.imaging.masks import lung_mask
+from dicomnode.imaging.volume import load_series_dir
+from dicomnode.state.store import JobState, Store
 from tests.conftest import series_dir
 from tests.peers import NodeProcess, Orthanc, free_port, node_config, stored_count, storescu, wait_until
 

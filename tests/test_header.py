@@ -1,5 +1,5 @@
-"""The SCP's fast header walk (dicomnode.header) agrees with pydicom on every file in ../shared/data, and refuses
-(so the SCP falls back to pydicom) rather than guesses where it cannot walk."""
+"""The SCP's fast header walk (dicomnode.receive.header) agrees with pydicom on every file in ../shared/data,
+and refuses (so the SCP falls back to pydicom) rather than guesses where it cannot walk."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.multival import MultiValue
 
-from dicomnode.header import PIXEL_DATA, WANTED, HeaderError, read_header
+from dicomnode.receive.header import PIXEL_DATA, WANTED, HeaderError, read_header
 from tests.conftest import DATA
 
 

@@ -11,6 +11,9 @@ import torch
 from torch import nn
 
 from dicomnode.errors import PipelineError
+from dicomnode.imaging.labels import LUNG_LEFT, LUNG_RIGHT
+from dicomnode.imaging.masks import lung_mask
+from dicomnode.imaging.volume import Volume, load_series_dir
 from dicomnode.inference import (
     DeviceUnavailableError,
     InferenceOutOfMemory,
@@ -26,9 +29,6 @@ from dicomnode.inference import (
 from dicomnode.inference.loaders import DEFAULT_LUNG_UNET, load_unet, save_torchscript, save_unet_checkpoint
 from dicomnode.inference.spec import Orientation, prepare, restore_labels
 from dicomnode.inference.unet import UNet3D, UNetConfig
-from dicomnode.labels import LUNG_LEFT, LUNG_RIGHT
-from dicomnode.masks import lung_mask
-from dicomnode.volume import Volume, load_series_dir
 from tests.conftest import series_dir
 
 SPEC = PreprocessSpec(

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode import jobs
 from dicomnode.config import parse_config
 from dicomnode.errors import PipelineError, TransientError
-from dicomnode.jobs import Backoff, Route
-from dicomnode.pipeline import PipelineContext
-from dicomnode.routing import make_router
-from dicomnode.scu import ScuSettings
-from dicomnode.spool import Spool
-from dicomnode.store import InstanceMeta, JobState, RecordOutcome, SeriesRow, SeriesState, Store
-from dicomnode.worker import Worker
+from dicomnode.outputs.scu import ScuSettings
+from dicomnode.state import jobs
+from dicomnode.state.jobs import Backoff, Route
+from dicomnode.state.spool import Spool
+from dicomnode.state.store import InstanceMeta, JobState, RecordOutcome, SeriesRow, SeriesState, Store
+from dicomnode.work.pipeline import PipelineContext
+from dicomnode.work.routing import make_router
+from dicomnode.work.worker import Worker
 
 T0 = 1_700_000_000.0
 BACKOFF = Backoff(max_attempts=3, base_seconds=10, max_seconds=25)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dicomnode import masks
-from dicomnode.labels import AIRWAYS, LUNG_LEFT, LUNG_RIGHT
-from dicomnode.masks import ALGORITHM_VERSION, body_mask, brain_mask, lung_mask
-from dicomnode.volume import Volume, load_series_dir
+from dicomnode.imaging import masks
+from dicomnode.imaging.labels import AIRWAYS, LUNG_LEFT, LUNG_RIGHT
+from dicomnode.imaging.masks import ALGORITHM_VERSION, body_mask, brain_mask, lung_mask
+from dicomnode.imaging.volume import Volume, load_series_dir
 from tests.conftest import series_dir
 
 

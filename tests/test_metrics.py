@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from dicomnode import metrics
+from dicomnode.ops import http
+from dicomnode.telemetry import metrics
 from tests.conftest import series_dir
 from tests.peers import (
     PEER_ENV,
@@ -117,7 +118,7 @@ def test_health_reports_children_and_503_when_one_dies(node: Any) -> None:
 
 def test_stage_timer_and_observe_stage_in_process(tmp_path: Path) -> None:
     """Without a multiprocess directory the functions record in-process; unknown stages are refused."""
-    from dicomnode.store import Store
+    from dicomnode.state.store import Store
 
     Store(tmp_path / "db.sqlite3")
     with metrics.stage_timer("inference"):
@@ -125,7 +126,7 @@ def test_stage_timer_and_observe_stage_in_process(tmp_path: Path) -> None:
     metrics.observe_stage("encode", 0.25)
     with pytest.raises(ValueError):
         metrics.observe_stage("nap", 1.0)
-    s = _samples(metrics.render(tmp_path / "db.sqlite3").decode())
+    s = _samples(http.render(tmp_path / "db.sqlite3").decode())
     assert s['dicomnode_stage_seconds_count{stage="inference"}'] >= 1
     assert s['dicomnode_stage_seconds_sum{stage="encode"}'] >= 0.25
 
@@ -133,7 +134,7 @@ def test_stage_timer_and_observe_stage_in_process(tmp_path: Path) -> None:
 def test_json_log_lines_carry_job_and_series_context_only() -> None:
     import logging
 
-    from dicomnode.logs import JsonFormatter, context_logger
+    from dicomnode.ops.logs import JsonFormatter, context_logger
 
     records: list[logging.LogRecord] = []
 

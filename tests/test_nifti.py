@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dicomnode.nifti import convert_series, write_nifti
-from dicomnode.volume import load_series_dir
+from dicomnode.imaging.nifti import convert_series, write_nifti
+from dicomnode.imaging.volume import load_series_dir
 from tests.conftest import series_dir
 
 

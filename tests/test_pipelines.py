@@ -11,9 +11,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.encode import present_labels
 from dicomnode.errors import PipelineError
-from dicomnode.labels import AIRWAYS, LUNG_LEFT, LUNG_RIGHT, LabelVolume
+from dicomnode.imaging.labels import AIRWAYS, LUNG_LEFT, LUNG_RIGHT, LabelVolume
+from dicomnode.outputs.encode import present_labels
 from tests.conftest import REPO, series_dir
 from tests.peers import NodeProcess, node_config, stored_count, storescu, wait_until
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dicomnode.masks import body_mask
-from dicomnode.preprocess import (
+from dicomnode.imaging.masks import body_mask
+from dicomnode.imaging.preprocess import (
     WINDOWS,
     bounding_box,
     clip_hu,
@@ -24,7 +24,7 @@ from dicomnode.preprocess import (
     window_volume,
     zscore,
 )
-from dicomnode.volume import Volume, load_series_dir
+from dicomnode.imaging.volume import Volume, load_series_dir
 from tests.conftest import series_dir
 
 

@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from dicomnode.store import Store
+from dicomnode.state.store import Store
 from tests.conftest import series_dir
 from tests.peers import (
     NodeProcess,
@@ -296,7 +296,7 @@ def test_receiving_continues_while_the_node_is_busy(node: Any) -> None:
     series = n.status()["series"]
     assert sorted((s["calling_aet"], s["instances"]) for s in series) == [("CT1", 64), ("CT2", 64)]
     # "serving" is logged once both receivers accept from the shared socket
-    assert {m.group(1) for m in re.finditer(r" (receiver-\d) dicomnode.scp: listening as", n.log())} == {
+    assert {m.group(1) for m in re.finditer(r" (receiver-\d) dicomnode.receive.scp: listening as", n.log())} == {
         "receiver-0", "receiver-1"}
 
 

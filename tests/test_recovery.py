@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dicomnode import jobs
-from dicomnode.jobs import Route
-from dicomnode.recovery import recover
-from dicomnode.spool import Spool
-from dicomnode.store import InstanceMeta, JobState, Store
+from dicomnode.state import jobs
+from dicomnode.state.jobs import Route
+from dicomnode.state.recovery import recover
+from dicomnode.state.spool import Spool
+from dicomnode.state.store import InstanceMeta, JobState, Store
 from tests.conftest import series_dir
 
 

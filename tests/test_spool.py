@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode import spool as spool_module
-from dicomnode.spool import Spool
+from dicomnode.state import spool as spool_module
+from dicomnode.state.spool import Spool
 
 KIB = 1024
 

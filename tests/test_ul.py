@@ -1,6 +1,6 @@
-"""The Storage SCP's upper layer (dicomnode.ul) at the protocol level: negotiation, limits, timeouts, fragments,
-unexpected PDUs and DIMSE requests it does not serve. The SCP runs in this process (as a receiver process
-would run it); peers are pynetdicom, DCMTK and, for what no well-behaved peer sends, raw bytes on a socket."""
+"""The Storage SCP's upper layer (dicomnode.receive.upper_layer) at the protocol level: negotiation, limits,
+timeouts, fragments, unexpected PDUs and DIMSE requests it does not serve. The SCP runs in this process (as a receiver
+process would run it); peers are pynetdicom, DCMTK and, for what no well-behaved peer sends, raw bytes on a socket."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from dicomnode import IMPLEMENTATION_CLASS_UID
 from dicomnode.config import parse_config
-from dicomnode.scp import ReceiveContext, acceptor_settings, listen, start_server, supported_contexts
-from dicomnode.service import open_spool
-from dicomnode.store import Store
-from dicomnode.ul import UpperLayerServer, decode_command, pdata_pdus
+from dicomnode.ops.service import open_spool
+from dicomnode.receive.scp import ReceiveContext, acceptor_settings, listen, start_server, supported_contexts
+from dicomnode.receive.upper_layer import UpperLayerServer, decode_command, pdata_pdus
+from dicomnode.state.store import Store
 from tests.conftest import series_dir
 from tests.peers import PEER_ENV, dcmtk, node_config, wait_until
 

@@ -1,4 +1,4 @@
-"""dicomnode.volume on the real shared series: geometry against dcm2niix, decoding, rescale, error cases."""
+"""dicomnode.imaging.volume on the real shared series: geometry against dcm2niix, decoding, rescale, error cases."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ from pydicom.uid import (
 )
 
 from dicomnode.errors import VolumeError
-from dicomnode.pixels import read_file, stored_values
-from dicomnode.volume import Volume, VolumeOptions, load_series, load_series_dir
+from dicomnode.imaging.pixels import read_file, stored_values
+from dicomnode.imaging.volume import Volume, VolumeOptions, load_series, load_series_dir
 from tests.conftest import series_dir
 
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -7,6 +7,7 @@ Typical use in a worker process (build once, segment many)::
 
 See :mod:`dicomnode.inference.segmenter` for the kinds, :mod:`dicomnode.inference.runner` for device, sliding
 window, mixed precision and out-of-memory handling, :mod:`dicomnode.inference.spec` for preprocessing.
+The stage that runs models; may import :mod:`dicomnode.imaging`, ``config`` and ``errors``.
 """
 
 from dicomnode.inference.loaders import LoadedModel, ModelLoadError, load_torchscript, load_unet

@@ -29,7 +29,7 @@ from dicomnode.inference.unet import UNet3D, UNetConfig
 CHECKPOINT_FORMAT = "dicomnode-unet/1"
 SPEC_FILE = "preprocess.json"
 META_FILE = "model.json"
-DEFAULT_LUNG_UNET = Path(__file__).resolve().parents[1] / "models" / "lung_unet.pt"
+DEFAULT_LUNG_UNET = Path(__file__).resolve().parent / "models" / "lung_unet.pt"
 
 
 class ModelLoadError(PipelineError):

@@ -1,11 +1,11 @@
 """The Segmenter protocol, its classical and model-backed implementations, and a per-process cache.
 
-Every segmenter maps a :class:`~dicomnode.volume.Volume` (z, y, x) to a
-:class:`~dicomnode.labels.LabelVolume` on *exactly* the input's grid (same shape; the caller pairs it with
-the volume's affine), with label values and names from :mod:`dicomnode.labels` (lung: 1 = right lung,
+Every segmenter maps a :class:`~dicomnode.imaging.volume.Volume` (z, y, x) to a
+:class:`~dicomnode.imaging.labels.LabelVolume` on *exactly* the input's grid (same shape; the caller pairs it with
+the volume's affine), with label values and names from :mod:`dicomnode.imaging.labels` (lung: 1 = right lung,
 2 = left lung, 3 = airways; body: 1; brain: 1).
 
-- :class:`ClassicalSegmenter` wraps :mod:`dicomnode.masks` (no weights): ``lung``, ``body``, ``brain``.
+- :class:`ClassicalSegmenter` wraps :mod:`dicomnode.imaging.masks` (no weights): ``lung``, ``body``, ``brain``.
 - :class:`ModelSegmenter` runs a network through :class:`~dicomnode.inference.runner.ModelRunner` with the
   preprocessing spec saved beside the weights; :class:`UNetSegmenter` (state-dict checkpoint of
   :class:`~dicomnode.inference.unet.UNet3D`, default: the shipped lung U-Net) and
@@ -23,14 +23,14 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from dicomnode import labels as label_defs
-from dicomnode import masks
 from dicomnode.errors import PipelineError
+from dicomnode.imaging import labels as label_defs
+from dicomnode.imaging import masks
+from dicomnode.imaging.labels import LabelInfo, LabelVolume
+from dicomnode.imaging.volume import Volume
 from dicomnode.inference.loaders import LoadedModel, load_torchscript, load_unet
 from dicomnode.inference.runner import ModelRunner, RunnerSettings
 from dicomnode.inference.spec import PreprocessSpec, prepare, restore
-from dicomnode.labels import LabelInfo, LabelVolume
-from dicomnode.volume import Volume
 
 _KNOWN_LABELS: dict[str, LabelInfo] = {
     info.name: info
@@ -55,7 +55,7 @@ class Segmenter(Protocol):
 
 
 class ClassicalSegmenter:
-    """A weight-free segmenter: a function of :mod:`dicomnode.masks`, named and versioned."""
+    """A weight-free segmenter: a function of :mod:`dicomnode.imaging.masks`, named and versioned."""
 
     def __init__(self, name: str, function: Callable[[Volume], LabelVolume], version: str = masks.ALGORITHM_VERSION):
         self.name = name
@@ -83,7 +83,7 @@ class ClassicalSegmenter:
 
 
 def label_infos(spec: PreprocessSpec) -> tuple[LabelInfo, ...]:
-    """The :mod:`dicomnode.labels` entries named by the spec; values must agree with the spec's."""
+    """The :mod:`dicomnode.imaging.labels` entries named by the spec; values must agree with the spec's."""
     infos = []
     for value, name in zip(spec.label_values, spec.label_names, strict=True):
         info = _KNOWN_LABELS.get(name)

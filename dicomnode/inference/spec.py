@@ -1,6 +1,6 @@
 """The preprocessing spec saved beside a model's weights, and the transforms it defines (and their inverse).
 
-A :class:`PreprocessSpec` is model-agnostic: it says how a :class:`~dicomnode.volume.Volume` becomes the
+A :class:`PreprocessSpec` is model-agnostic: it says how a :class:`~dicomnode.imaging.volume.Volume` becomes the
 network's input and how the network's output goes back onto the source grid. Training
 (``scripts/train_lung_unet.py``) and inference call the *same* functions below, so inference reproduces the
 training input exactly.
@@ -26,7 +26,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from dicomnode.volume import Volume
+from dicomnode.imaging.volume import Volume
 
 SPEC_FORMAT = "dicomnode-preprocess/1"
 
@@ -35,9 +35,9 @@ SPEC_FORMAT = "dicomnode-preprocess/1"
 class PreprocessSpec:
     """How to turn a Volume into model input and model output into labels.
 
-    ``label_values[i - 1]`` is the :class:`~dicomnode.labels.LabelInfo` value of output class ``i``
+    ``label_values[i - 1]`` is the :class:`~dicomnode.imaging.labels.LabelInfo` value of output class ``i``
     (class 0 is background) and ``label_names[i - 1]`` its name, which must match a LabelInfo in
-    :mod:`dicomnode.labels`.
+    :mod:`dicomnode.imaging.labels`.
     ``patch_size`` is the sliding-window patch (z, y, x) in voxels of the resampled grid.
     """
 

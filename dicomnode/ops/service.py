@@ -1,0 +1,230 @@
+"""Wiring: build the pieces from the config and run receivers and workers as separate processes.
+
+``serve`` = one supervisor process + ``node.receivers`` receiver processes (Storage SCPs accepting from one
+listening socket the supervisor opens, so several associations are received in parallel without sharing a GIL)
++ ``worker.workers`` worker processes (each with its own resident model, so inference never slows receiving).
+They share nothing but the spool and the SQLite store. SIGTERM or SIGINT stops them gracefully: receivers stop
+accepting and finish their associations, workers finish (or abandon, lease intact) their current job.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dicomnode.config import Config
+from dicomnode.ops.http import start_http_server
+from dicomnode.outputs.scu import ScuSettings, client_ssl_context
+from dicomnode.receive.scp import ReceiveContext, listen, start_server
+from dicomnode.state.recovery import recover, requeue_dead_workers
+from dicomnode.state.spool import Spool
+from dicomnode.state.store import Store
+from dicomnode.telemetry import metrics
+from dicomnode.work.pipeline import PipelineContext, Producer
+from dicomnode.work.routing import make_router
+from dicomnode.work.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def open_spool(cfg: Config) -> Spool:
+    return Spool(cfg.spool_dir, fsync=cfg.storage.fsync, min_free_bytes=cfg.storage.min_free_mb * 2**20)
+
+
+def scu_settings(cfg: Config) -> ScuSettings:
+    tls = cfg.node.tls
+    ssl_ctx = None
+    if tls.enabled:
+        ssl_ctx = client_ssl_context(str(tls.cert_file), str(tls.key_file), str(tls.ca_file) if tls.ca_file else None)
+    return ScuSettings(calling_aet=cfg.node.ae_title, acse_timeout=cfg.node.acse_timeout,
+                       dimse_timeout=cfg.node.dimse_timeout, network_timeout=cfg.node.network_timeout,
+                       ssl_context=ssl_ctx)
+
+
+def producers(cfg: Config, store: Store, spool: Spool) -> dict[str, Producer]:
+    """Producers of image-pipeline outputs, by pipeline kind (imported lazily: forwarding needs no torch)."""
+    if not any(p.kind != "forward" for p in cfg.pipelines):
+        return {}
+    from dicomnode.work.segment import segment_producer  # noqa: PLC0415 - heavy imports only where needed
+
+    return {"segment": segment_producer(cfg, store, spool)}
+
+
+def pipeline_context(cfg: Config) -> PipelineContext:
+    store = Store(cfg.db_path)
+    spool = open_spool(cfg)
+    return PipelineContext(cfg, store, spool, scu_settings(cfg), producers(cfg, store, spool))
+
+
+def make_worker(cfg: Config, index: int = 0) -> Worker:
+    return Worker(pipeline_context(cfg), make_router(cfg), index=index)
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+class _Signals:
+    """SIGTERM/SIGINT only raise a flag: setting an Event inside a signal handler can deadlock the very
+    thread that is waiting on it, so loops poll the flag (and the shared stop event) instead."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.raised = True
+
+    def wait(self, stop: Any, interval: float = 0.2) -> bool:
+        """Sleep ``interval``; True once a signal arrived or ``stop`` (shared with other processes) is set."""
+        time.sleep(interval)
+        return self.raised or bool(stop.is_set())
+
+
+def _child_setup(cfg: Config) -> _Signals:
+    from dicomnode.ops.logs import configure_logging  # noqa: PLC0415
+
+    configure_logging(cfg.logging.level, json_lines=cfg.logging.json)
+    return _Signals()
+
+
+def receiver_main(cfg: Config, index: int, stop: Any, ready: Any = None,
+                  listener: socket.socket | None = None) -> None:
+    """Entry point of a receiver process: accepts on ``listener`` (the supervisor's) and sets ``ready`` (shared with
+    the supervisor) once it does."""
+    signals = _child_setup(cfg)
+    ctx = ReceiveContext(cfg, open_spool(cfg), Store(cfg.db_path))
+    server = start_server(cfg, ctx, listener)
+    if ready is not None:
+        ready.set()
+    while not signals.wait(stop):
+        pass
+    server.shutdown()
+    log.info("receiver %d stopped", index)
+
+
+def worker_main(cfg: Config, index: int, stop: Any, ready: Any = None) -> None:
+    """Entry point of a worker process; sets ``ready`` once its pipelines (and model) are loaded."""
+    signals = _child_setup(cfg)
+    local_stop = threading.Event()
+
+    def watch() -> None:
+        while not signals.wait(stop):
+            pass
+        local_stop.set()
+
+    threading.Thread(target=watch, daemon=True, name="stop-watch").start()
+    worker = make_worker(cfg, index)
+    if ready is not None:
+        ready.set()
+    if cfg.metrics.enabled:
+        from dicomnode.ops.http import job_hook  # noqa: PLC0415
+
+        worker.on_job_done = job_hook(worker.ctx.store)
+    worker.run(local_stop)
+    log.info("worker %d stopped", index)
+
+
+@dataclass
+class _Child:
+    name: str
+    target: Callable[..., None]
+    index: int
+    process: Any = None
+    restarts: int = 0
+    ready: Any = None  # an Event the child sets when it serves (receivers: once listening)
+
+
+def _health(children: list[_Child], started: float) -> dict[str, Any]:
+    """The ``/health`` document: healthy when there is a receiver and every receiver and worker is alive."""
+    doc: dict[str, Any] = {"receivers": [], "workers": []}
+    for child in children:
+        alive = child.process is not None and child.process.is_alive()
+        role = "receivers" if child.target is receiver_main else "workers"
+        doc[role].append({"name": child.name, "pid": child.process.pid if child.process else None,
+                          "alive": alive, "restarts": child.restarts})
+    everyone = doc["receivers"] + doc["workers"]
+    doc["healthy"] = bool(doc["receivers"]) and all(c["alive"] for c in everyone)
+    doc["uptime_seconds"] = round(time.time() - started, 3)
+    return doc
+
+
+def _wait_for_receivers(children: list[_Child], signals: _Signals, stop: Any, limit: float = 120.0) -> None:
+    """Return once every receiver listens (or has died: the loop in ``serve`` restarts it), so that "serving"
+    in the log means every receiver process takes associations, not only the first to start."""
+    deadline = time.monotonic() + limit
+    for child in children:
+        if child.target is not receiver_main:
+            continue
+        while not child.ready.wait(0.1):
+            if not child.process.is_alive() or signals.raised or stop.is_set() or time.monotonic() > deadline:
+                log.warning("%s is not listening yet", child.name)
+                return
+
+
+def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
+    """Run the node until SIGTERM/SIGINT. Returns the exit code."""
+    spawn = mp.get_context("spawn")
+    stop = spawn.Event()
+    if cfg.metrics.enabled:
+        metrics.prepare_multiprocess(cfg)  # before any child is spawned: they inherit the directory
+    listener = listen(cfg)  # before anything else: a port in use is the first error to report
+    store = Store(cfg.db_path)
+    report = recover(store, open_spool(cfg), reprocess_late=cfg.completion.on_late_instance.value == "reprocess")
+    log.info("recovered: %s", report)
+    children = [_Child(f"receiver-{i}", receiver_main, i) for i in range(cfg.node.receivers)]
+    children += [_Child(f"worker-{i}", worker_main, i) for i in range(cfg.worker.workers)]
+
+    def start(child: _Child) -> None:
+        child.ready = spawn.Event()
+        args: tuple[Any, ...] = (cfg, child.index, stop, child.ready)
+        if child.target is receiver_main:
+            args += (listener,)  # passed to the spawned process as a duplicate of the descriptor
+        child.process = spawn.Process(target=child.target, args=args, name=child.name)
+        child.process.start()
+
+    signals = _Signals()
+    for child in children:
+        start(child)
+    _wait_for_receivers(children, signals, stop)
+    http = None
+    if cfg.metrics.enabled:
+        started_at = time.time()
+        http = start_http_server(cfg.metrics.host, cfg.metrics.port, cfg.db_path,
+                                         lambda: _health(children, started_at))
+    log.info("dicomnode %s serving on %s:%d with %d receiver(s) and %d worker(s)", cfg.node.ae_title,
+             cfg.node.host, cfg.node.port, cfg.node.receivers, cfg.worker.workers)
+    if ready is not None:
+        ready()
+    while not signals.wait(stop, 0.5):
+        for child in children:
+            if not child.process.is_alive():
+                log.error("%s exited with code %s; restarting it", child.name, child.process.exitcode)
+                if cfg.metrics.enabled:
+                    metrics.process_exited(child.process.pid)
+                child.restarts += 1
+                if child.target is worker_main:  # its job goes back to the queue now, not when the lease ends
+                    requeue_dead_workers(store, now=time.time())
+                time.sleep(0.5)
+                start(child)
+    log.info("stopping")
+    stop.set()
+    listener.close()  # the receivers close their copies as they stop; then the port refuses connections
+    for child in children:
+        child.process.join(timeout=30)
+        if child.process.is_alive():
+            log.warning("%s did not stop in time; terminating", child.name)
+            child.process.terminate()
+            child.process.join(timeout=5)
+    if http is not None:
+        http.shutdown()
+        http.server_close()
+    log.info("stopped")
+    return 0

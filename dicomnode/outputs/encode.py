@@ -1,0 +1,118 @@
+"""Derived objects for the PACS: DICOM SEG, Secondary Capture pictures and a TID 1500 SR.
+
+The integrator calls :func:`build_outputs` once per job. Everything it returns
+
+- lies in the source's Study (same Patient, Study; the SEG also the same Frame of Reference),
+- has Series/SOP Instance UIDs and SeriesNumbers that are pure functions of (source SeriesInstanceUID,
+  pipeline, model name, model version, kind, index) - see :mod:`dicomnode.outputs.uids` - so a retry or a
+  re-run replaces rather than duplicates what the PACS holds,
+- carries dicomnode and the model in its ContributingEquipmentSequence (:mod:`.provenance`),
+- has passed :func:`dicomnode.outputs.validate.check_output` (strict round trip, highdicom read-back).
+
+Series numbers: ``series_number_base + offset`` with offsets SEG 0, SR 1, SC overlay 2, SC three-plane 3,
+SC 3D surface 4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from dicomnode.errors import PipelineError
+from dicomnode.imaging.labels import LabelVolume
+from dicomnode.imaging.volume import Volume
+from dicomnode.outputs.measure import measure_labels
+from dicomnode.outputs.provenance import Provenance
+from dicomnode.outputs.sc import make_overlays, make_summaries
+from dicomnode.outputs.seg import make_seg
+from dicomnode.outputs.sr import make_sr
+from dicomnode.outputs.uids import OutputIds, OutputKind, derive_uid
+from dicomnode.outputs.validate import check_output
+
+__all__ = [
+    "KINDS", "OutputIds", "OutputKind", "Provenance", "build_encoded_outputs", "build_outputs", "check_output",
+    "derive_uid",
+]
+
+#: Accepted values of ``kinds``; "sc" means all three picture kinds.
+KINDS = ("seg", "sr", "sc", "sc-overlay", "sc-planes", "sc-surface")
+_ORDER = (OutputKind.SEG, OutputKind.SR, OutputKind.SC_OVERLAY, OutputKind.SC_PLANES, OutputKind.SC_SURFACE)
+
+
+def resolve_kinds(kinds: Collection[str]) -> list[OutputKind]:
+    """The output kinds named by ``kinds``, in output order. PipelineError for unknown names or SR alone."""
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise PipelineError(f"unknown output kinds {unknown}; choose from {list(KINDS)}")
+    wanted = {OutputKind(k) for k in kinds if k != "sc"}
+    if "sc" in kinds:
+        wanted |= {OutputKind.SC_OVERLAY, OutputKind.SC_PLANES, OutputKind.SC_SURFACE}
+    if OutputKind.SR in wanted and OutputKind.SEG not in wanted:
+        raise PipelineError("the SR references the SEG's segments: kind 'sr' needs kind 'seg'")
+    return [k for k in _ORDER if k in wanted]
+
+
+def present_labels(labels: LabelVolume) -> LabelVolume:
+    """``labels`` without the label values that mark no voxel (a segment must have frames, and the SR can only
+    reference segments that exist). PipelineError when no label marks anything: there is nothing to encode."""
+    kept = tuple(i for i in labels.labels if np.any(labels.data == i.value))
+    if not kept:
+        names = ", ".join(i.name for i in labels.labels) or "no labels"
+        raise PipelineError(f"the segmenter found nothing to report ({names}: all empty)")
+    if len(kept) == len(labels.labels):
+        return labels
+    return dataclasses.replace(labels, labels=kept)
+
+
+def build_outputs(volume: Volume, labels: LabelVolume, **options: Any) -> list[Dataset]:
+    """The checked derived objects of :func:`build_encoded_outputs`, as datasets."""
+    return [ds for ds, _ in build_encoded_outputs(volume, labels, **options)]
+
+
+def build_encoded_outputs(volume: Volume, labels: LabelVolume, *, pipeline: str, series_number_base: int,
+                          kinds: Collection[str] = ("seg", "sc", "sr"), overlay_every: int = 4,
+                          overlay_max: int = 24, series_description: str | None = None,
+                          algorithm_family: str = "ArtificialIntelligence", device_serial_number: str = "dicomnode",
+                          institution_name: str | None = None) -> list[tuple[Dataset, bytes]]:
+    """All derived objects of ``labels`` on ``volume`` with their checked Part 10 bytes, in a deterministic order.
+
+    The bytes are exactly what :func:`check_output` read back and verified: write those, not a new encoding.
+
+    Order: SEG, SR, overlay SCs (increasing slice), three-plane SC, 3D surface SC (only the kinds asked
+    for). ``overlay_every``: picture every n-th slice that contains a label, at most ``overlay_max`` of them.
+    ``series_description`` defaults to the pipeline name; each kind appends its own suffix.
+    ``algorithm_family`` is a CID 7162 keyword (e.g. "ArtificialIntelligence", "MorphologicalOperations").
+    Raises PipelineError when an object cannot be built or fails its read-back check.
+    """
+    wanted = resolve_kinds(kinds)
+    labels = present_labels(labels)
+    prov = Provenance(pipeline=pipeline, model_name=labels.algorithm_name,
+                      model_version=labels.algorithm_version, device_serial_number=device_serial_number,
+                      algorithm_family=algorithm_family,
+                      institution_name=institution_name)
+    ids = OutputIds(volume.series_instance_uid, pipeline, labels.algorithm_name, labels.algorithm_version,
+                    series_number_base)
+    description = series_description or pipeline
+    # counts, profiles and value sums of every label, measured once for the SR and all pictures
+    needs_measures = any(k != OutputKind.SEG for k in wanted) and labels.data.shape == volume.shape
+    measures = measure_labels(volume, labels) if needs_measures else None
+    outputs: list[Dataset] = []
+    seg = None
+    if OutputKind.SEG in wanted:
+        seg = make_seg(volume, labels, ids=ids, prov=prov, series_description=f"{description} SEG")
+        outputs.append(seg)
+    if OutputKind.SR in wanted and seg is not None:
+        outputs.append(make_sr(volume, labels, seg, ids=ids, prov=prov,
+                               series_description=f"{description} measurements", measures=measures))
+    if OutputKind.SC_OVERLAY in wanted:
+        outputs.extend(make_overlays(volume, labels, ids=ids, prov=prov, series_description=description,
+                                     every=overlay_every, max_count=overlay_max, measures=measures))
+    summaries = [k for k in wanted if k in (OutputKind.SC_PLANES, OutputKind.SC_SURFACE)]
+    if summaries:
+        outputs.extend(make_summaries(volume, labels, ids=ids, prov=prov, series_description=description,
+                                      kinds=summaries, measures=measures))
+    return [(ds, check_output(ds)) for ds in outputs]
