@@ -14,6 +14,7 @@ import enum
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -123,8 +124,59 @@ class Destination:
     tls: bool = False
 
 
-SEGMENTER_KINDS = ("lung", "body", "brain", "lung-unet", "unet", "torchscript")
-OUTPUT_KINDS = ("seg", "sr", "sc", "sc-overlay", "sc-planes", "sc-surface")
+class SegmenterKind(str, enum.Enum):
+    """``model.kind`` of a ``segment`` pipeline: the closed set the segmenter factory builds."""
+
+    LUNG = "lung"  # classical masks, no weights
+    BODY = "body"
+    BRAIN = "brain"
+    LUNG_UNET = "lung-unet"  # the U-Net shipped with the package (or one at model.path)
+    UNET = "unet"  # a state-dict checkpoint of the package's U-Net at model.path
+    TORCHSCRIPT = "torchscript"  # a TorchScript archive at model.path with its preprocessing spec
+
+    @property
+    def needs_path(self) -> bool:
+        return self in (SegmenterKind.UNET, SegmenterKind.TORCHSCRIPT)
+
+
+class OutputKind(str, enum.Enum):
+    """The kinds of derived object a ``segment`` pipeline makes, each its own series, in output order.
+
+    ``outputs.kinds`` also accepts ``sc``, shorthand for the three picture kinds (:data:`OUTPUT_KIND_ALIASES`).
+    """
+
+    SEG = "seg"
+    SR = "sr"
+    SC_OVERLAY = "sc-overlay"
+    SC_PLANES = "sc-planes"
+    SC_SURFACE = "sc-surface"
+
+
+OUTPUT_KIND_ALIASES: dict[str, tuple[OutputKind, ...]] = {
+    "sc": (OutputKind.SC_OVERLAY, OutputKind.SC_PLANES, OutputKind.SC_SURFACE),
+}
+
+
+def output_kinds(names: Iterable[str | OutputKind]) -> tuple[OutputKind, ...]:
+    """The output kinds named by ``names`` (values or the ``sc`` alias), once each, in output order.
+
+    ValueError names the first unknown name; SR without SEG is refused (the SR references the SEG's segments).
+    """
+    wanted: set[OutputKind] = set()
+    for name in names:
+        if isinstance(name, OutputKind):
+            wanted.add(name)
+        elif name in OUTPUT_KIND_ALIASES:
+            wanted.update(OUTPUT_KIND_ALIASES[name])
+        else:
+            try:
+                wanted.add(OutputKind(name))
+            except ValueError:
+                allowed = ", ".join([k.value for k in OutputKind] + list(OUTPUT_KIND_ALIASES))
+                raise ValueError(f"{name!r} is not one of {allowed}") from None
+    if OutputKind.SR in wanted and OutputKind.SEG not in wanted:
+        raise ValueError("'sr' references the SEG, so it needs 'seg' too")
+    return tuple(k for k in OutputKind if k in wanted)
 
 
 @dataclass(frozen=True)
@@ -136,7 +188,7 @@ class ModelConfig:
     ``torchscript`` (a TorchScript archive at ``path`` with its preprocessing spec).
     """
 
-    kind: str = "lung"
+    kind: SegmenterKind = SegmenterKind.LUNG
     path: Path | None = None
     batch_size: int = 2  # patches per forward pass; halved on CUDA out-of-memory
     overlap: float = 0.5  # sliding-window overlap, fraction of the patch
@@ -155,7 +207,7 @@ class VolumeConfig:
 class OutputsConfig:
     """Which derived objects a ``segment`` pipeline makes. Series numbers: base + 0 SEG, 1 SR, 2-4 SC."""
 
-    kinds: tuple[str, ...] = ("seg", "sr", "sc")
+    kinds: tuple[OutputKind, ...] = output_kinds(("seg", "sr", "sc"))
     series_number_base: int = 9000
     series_description: str | None = None  # default: the pipeline name
     overlay_every: int = 4  # picture every n-th slice that contains the mask ...
@@ -278,6 +330,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return ()
         if isinstance(value, (str, dict)) or not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        if args[0] is OutputKind:
+            try:
+                return output_kinds(_convert(str, item, f"{where}[{i}]") for i, item in enumerate(value))
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
         return tuple(_convert(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
     if dataclasses.is_dataclass(tp):
         return _build(typing.cast(type[Any], tp), value, where)
@@ -391,19 +448,12 @@ def _validate(cfg: Config) -> None:
 
 def _validate_segment(pipe: PipelineConfig, where: str) -> None:
     model = pipe.model
-    if model.kind not in SEGMENTER_KINDS:
-        raise ConfigError(f"{where}.model.kind: {model.kind!r} is not one of {', '.join(SEGMENTER_KINDS)}")
-    if model.kind in ("unet", "torchscript") and model.path is None:
-        raise ConfigError(f"{where}.model.path: required for model kind {model.kind!r}")
+    if model.kind.needs_path and model.path is None:
+        raise ConfigError(f"{where}.model.path: required for model kind {model.kind.value!r}")
     if model.path is not None and not model.path.is_file():
         raise ConfigError(f"{where}.model.path: {model.path} does not exist")
     if model.batch_size < 1 or not 0 <= model.overlap < 1:
         raise ConfigError(f"{where}.model: batch_size must be >= 1 and overlap in [0, 1)")
-    for kind in pipe.outputs.kinds:
-        if kind not in OUTPUT_KINDS:
-            raise ConfigError(f"{where}.outputs.kinds: {kind!r} is not one of {', '.join(OUTPUT_KINDS)}")
-    if "sr" in pipe.outputs.kinds and "seg" not in pipe.outputs.kinds:
-        raise ConfigError(f"{where}.outputs.kinds: 'sr' references the SEG, so it needs 'seg' too")
     if not 1 <= pipe.outputs.series_number_base <= 2**31 - 10:
         raise ConfigError(f"{where}.outputs.series_number_base: out of range")
     if pipe.volume.min_slices < 1:

@@ -19,7 +19,6 @@ from dicomnode.inference.runner import (
     resolve_device,
 )
 from dicomnode.inference.segmenter import (
-    SEGMENTER_KINDS,
     ClassicalSegmenter,
     ModelSegmenter,
     Segmenter,
@@ -31,7 +30,6 @@ from dicomnode.inference.segmenter import (
 from dicomnode.inference.spec import PreprocessSpec
 
 __all__ = [
-    "SEGMENTER_KINDS",
     "ClassicalSegmenter",
     "DeviceUnavailableError",
     "InferenceOutOfMemory",

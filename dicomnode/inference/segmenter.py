@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from dicomnode.config import SegmenterKind
 from dicomnode.errors import PipelineError
 from dicomnode.imaging import labels as label_defs
 from dicomnode.imaging import masks
@@ -135,25 +136,30 @@ class TorchScriptSegmenter(ModelSegmenter):
         super().__init__(load_torchscript(path), settings)
 
 
-SEGMENTER_KINDS = ("lung", "body", "brain", "lung-unet", "unet", "torchscript")
-
-
-def build_segmenter(kind: str, model_path: Path | None = None, settings: RunnerSettings | None = None) -> Segmenter:
-    """Build a segmenter by kind: ``lung``/``body``/``brain`` (classical), ``lung-unet`` (shipped weights),
-    ``unet`` (a checkpoint at ``model_path``), ``torchscript`` (an archive at ``model_path``)."""
-    if kind == "lung":
-        return ClassicalSegmenter.lung()
-    if kind == "body":
-        return ClassicalSegmenter.body()
-    if kind == "brain":
-        return ClassicalSegmenter.brain()
-    if kind == "lung-unet":
-        return UNetSegmenter(model_path, settings)
-    if kind in ("unet", "torchscript"):
-        if model_path is None:
-            raise PipelineError(f"segmenter kind {kind!r} needs a model path")
-        return UNetSegmenter(model_path, settings) if kind == "unet" else TorchScriptSegmenter(model_path, settings)
-    raise PipelineError(f"unknown segmenter kind {kind!r}; known: {', '.join(SEGMENTER_KINDS)}")
+def build_segmenter(kind: SegmenterKind | str, model_path: Path | None = None,
+                    settings: RunnerSettings | None = None) -> Segmenter:
+    """Build a segmenter by kind (:class:`~dicomnode.config.SegmenterKind` or its value): ``lung``/``body``/
+    ``brain`` (classical), ``lung-unet`` (shipped weights, or ``model_path``), ``unet`` (a checkpoint at
+    ``model_path``), ``torchscript`` (an archive at ``model_path``)."""
+    try:
+        kind = SegmenterKind(kind)
+    except ValueError:
+        known = ", ".join(k.value for k in SegmenterKind)
+        raise PipelineError(f"unknown segmenter kind {kind!r}; known: {known}") from None
+    if kind.needs_path and model_path is None:
+        raise PipelineError(f"segmenter kind {kind.value!r} needs a model path")
+    match kind:
+        case SegmenterKind.LUNG:
+            return ClassicalSegmenter.lung()
+        case SegmenterKind.BODY:
+            return ClassicalSegmenter.body()
+        case SegmenterKind.BRAIN:
+            return ClassicalSegmenter.brain()
+        case SegmenterKind.LUNG_UNET | SegmenterKind.UNET:
+            return UNetSegmenter(model_path, settings)
+        case SegmenterKind.TORCHSCRIPT if model_path is not None:
+            return TorchScriptSegmenter(model_path, settings)
+    raise PipelineError(f"segmenter kind {kind.value!r} cannot be built from {model_path}")  # pragma: no cover
 
 
 class SegmenterCache:
@@ -168,8 +174,9 @@ class SegmenterCache:
         self._items: dict[tuple[str, str], Segmenter] = {}
         self._lock = threading.Lock()
 
-    def get(self, kind: str, model_path: Path | None = None) -> Segmenter:
-        key = (kind, str(model_path) if model_path is not None else "")
+    def get(self, kind: SegmenterKind | str, model_path: Path | None = None) -> Segmenter:
+        name = kind.value if isinstance(kind, SegmenterKind) else kind
+        key = (name, str(model_path) if model_path is not None else "")
         with self._lock:
             found = self._items.get(key)
             if found is None:

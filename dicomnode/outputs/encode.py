@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from dicomnode.config import OutputKind, output_kinds
 from dicomnode.errors import PipelineError
 from dicomnode.imaging.labels import LabelVolume
 from dicomnode.imaging.volume import Volume
@@ -30,30 +31,21 @@ from dicomnode.outputs.provenance import Provenance
 from dicomnode.outputs.sc import make_overlays, make_summaries
 from dicomnode.outputs.seg import make_seg
 from dicomnode.outputs.sr import make_sr
-from dicomnode.outputs.uids import OutputIds, OutputKind, derive_uid
+from dicomnode.outputs.uids import OutputIds, derive_uid
 from dicomnode.outputs.validate import check_output
 
 __all__ = [
-    "KINDS", "OutputIds", "OutputKind", "Provenance", "build_encoded_outputs", "build_outputs", "check_output",
+    "OutputIds", "OutputKind", "Provenance", "build_encoded_outputs", "build_outputs", "check_output",
     "derive_uid",
 ]
 
-#: Accepted values of ``kinds``; "sc" means all three picture kinds.
-KINDS = ("seg", "sr", "sc", "sc-overlay", "sc-planes", "sc-surface")
-_ORDER = (OutputKind.SEG, OutputKind.SR, OutputKind.SC_OVERLAY, OutputKind.SC_PLANES, OutputKind.SC_SURFACE)
-
-
-def resolve_kinds(kinds: Collection[str]) -> list[OutputKind]:
-    """The output kinds named by ``kinds``, in output order. PipelineError for unknown names or SR alone."""
-    unknown = sorted(set(kinds) - set(KINDS))
-    if unknown:
-        raise PipelineError(f"unknown output kinds {unknown}; choose from {list(KINDS)}")
-    wanted = {OutputKind(k) for k in kinds if k != "sc"}
-    if "sc" in kinds:
-        wanted |= {OutputKind.SC_OVERLAY, OutputKind.SC_PLANES, OutputKind.SC_SURFACE}
-    if OutputKind.SR in wanted and OutputKind.SEG not in wanted:
-        raise PipelineError("the SR references the SEG's segments: kind 'sr' needs kind 'seg'")
-    return [k for k in _ORDER if k in wanted]
+def resolve_kinds(kinds: Collection[str | OutputKind]) -> tuple[OutputKind, ...]:
+    """The output kinds named by ``kinds`` (:func:`~dicomnode.config.output_kinds`), in output order.
+    PipelineError for unknown names or SR without SEG."""
+    try:
+        return output_kinds(kinds)
+    except ValueError as exc:
+        raise PipelineError(f"output kinds: {exc}") from None
 
 
 def present_labels(labels: LabelVolume) -> LabelVolume:
@@ -74,7 +66,7 @@ def build_outputs(volume: Volume, labels: LabelVolume, **options: Any) -> list[D
 
 
 def build_encoded_outputs(volume: Volume, labels: LabelVolume, *, pipeline: str, series_number_base: int,
-                          kinds: Collection[str] = ("seg", "sc", "sr"), overlay_every: int = 4,
+                          kinds: Collection[str | OutputKind] = ("seg", "sc", "sr"), overlay_every: int = 4,
                           overlay_max: int = 24, series_description: str | None = None,
                           algorithm_family: str = "ArtificialIntelligence", device_serial_number: str = "dicomnode",
                           institution_name: str | None = None) -> list[tuple[Dataset, bytes]]:

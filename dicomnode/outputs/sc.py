@@ -22,6 +22,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicomnode.config import OutputKind
 from dicomnode.errors import PipelineError
 from dicomnode.imaging.labels import LabelVolume
 from dicomnode.imaging.volume import Volume
@@ -33,7 +34,7 @@ from dicomnode.outputs.provenance import (
 )
 from dicomnode.outputs.render import RGB, axial_overlay, three_plane
 from dicomnode.outputs.surface import surface_view
-from dicomnode.outputs.uids import OutputIds, OutputKind
+from dicomnode.outputs.uids import OutputIds
 
 _DESCRIPTIONS = {
     OutputKind.SC_OVERLAY: "overlay",

@@ -25,6 +25,7 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicomnode.config import OutputKind
 from dicomnode.errors import PipelineError
 from dicomnode.imaging.labels import LabelInfo, LabelVolume
 from dicomnode.imaging.volume import Volume
@@ -35,7 +36,7 @@ from dicomnode.outputs.provenance import (
     drop_incomplete_study_references,
     seg_algorithm_identification,
 )
-from dicomnode.outputs.uids import OutputIds, OutputKind
+from dicomnode.outputs.uids import OutputIds
 
 
 def ordered_labels(labels: LabelVolume) -> tuple[LabelInfo, ...]:

@@ -25,6 +25,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.sr.codedict import codes
 
+from dicomnode.config import OutputKind
 from dicomnode.errors import PipelineError
 from dicomnode.imaging.labels import LabelInfo, LabelVolume
 from dicomnode.imaging.volume import Volume
@@ -37,7 +38,7 @@ from dicomnode.outputs.provenance import (
     sr_algorithm_identification,
 )
 from dicomnode.outputs.seg import ordered_labels
-from dicomnode.outputs.uids import OutputIds, OutputKind
+from dicomnode.outputs.uids import OutputIds
 
 ML = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 HU = hd.sr.CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")

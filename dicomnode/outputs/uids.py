@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from enum import Enum
+
+from dicomnode.config import OutputKind
 
 #: Fixed namespace of all dicomnode UIDs (a random UUID chosen once; never change it).
 DICOMNODE_NAMESPACE = uuid.UUID("6f1d3c0e-2b8a-4f47-9a55-0c6f4f2d7e11")
@@ -37,21 +38,8 @@ def derive_uid(*parts: str) -> str:
     return UID_ROOT + str(uuid.uuid5(DICOMNODE_NAMESPACE, name).int)
 
 
-class OutputKind(str, Enum):
-    """The kinds of derived object, each its own series. ``offset`` is added to the series number base."""
-
-    SEG = "seg"
-    SR = "sr"
-    SC_OVERLAY = "sc-overlay"
-    SC_PLANES = "sc-planes"
-    SC_SURFACE = "sc-surface"
-
-    @property
-    def offset(self) -> int:
-        return _OFFSETS[self]
-
-
-_OFFSETS = {
+#: Added to the pipeline's series number base: each kind of derived object is its own series.
+SERIES_NUMBER_OFFSETS = {
     OutputKind.SEG: 0,
     OutputKind.SR: 1,
     OutputKind.SC_OVERLAY: 2,
@@ -64,7 +52,8 @@ _OFFSETS = {
 class OutputIds:
     """Identity of every output derived from one source series by one pipeline and model version.
 
-    ``series_number_base`` is the configured base; a kind's SeriesNumber is ``base + kind.offset``.
+    ``series_number_base`` is the configured base; a kind's SeriesNumber is ``base`` plus its
+    :data:`SERIES_NUMBER_OFFSETS`.
     """
 
     source_series_uid: str
@@ -88,7 +77,7 @@ class OutputIds:
 
     def series_number(self, kind: OutputKind) -> int:
         """SeriesNumber of the output series of ``kind`` (IS, so at most 2**31 - 1)."""
-        number = self.series_number_base + kind.offset
+        number = self.series_number_base + SERIES_NUMBER_OFFSETS[kind]
         if not 0 < number < 2**31:
             raise ValueError(f"series number {number} out of range for kind {kind.value}")
         return number
