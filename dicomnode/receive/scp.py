@@ -33,7 +33,7 @@ import ssl
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +138,8 @@ def _pixel_problem(header: Header, transfer_syntax: str) -> str | None:
     return None
 
 
-def read_meta(incoming: IncomingFile, meta_length: int, assoc: Association, request: StoreRequest) -> InstanceMeta:
+def read_meta(incoming: IncomingFile, meta_length: int, assoc: Association[StoreSession],
+              request: StoreRequest) -> InstanceMeta:
     """Read the identifying header attributes of a received instance (flushed, not yet committed)."""
     size = incoming.size - meta_length
     header: Header | None = None
@@ -207,7 +208,7 @@ def file_meta(request: StoreRequest, source_aet: str) -> bytes:
 class _SpoolSink:
     """One C-STORE data set on its way into the spool (see :class:`dicomnode.receive.upper_layer.DataSink`)."""
 
-    def __init__(self, ctx: ReceiveContext, assoc: Association, request: StoreRequest) -> None:
+    def __init__(self, ctx: ReceiveContext, assoc: Association[StoreSession], request: StoreRequest) -> None:
         self.ctx, self.assoc, self.request = ctx, assoc, request
         self.refusal: tuple[int, str] | None = None
         self.incoming: IncomingFile | None = None
@@ -286,13 +287,25 @@ class _SpoolSink:
                 log.warning("could not remove the replaced copy %s", moved)
         if outcome is not RecordOutcome.NEW:
             log.info("instance %s of series %s: %s", meta.sop_uid, meta.series_uid, outcome.value)
-        self.assoc.state.setdefault("series", set()).add(meta.series_uid)
-        self.assoc.state["last_series"] = meta.series_uid
-        self.assoc.state["stored"] = self.assoc.state.get("stored", 0) + 1
+        session = self.assoc.session
+        session.series.add(meta.series_uid)
+        session.last_series = meta.series_uid
+        session.stored += 1
         metrics.instance_received(spooled.size)
         if ctx.on_received is not None:
             ctx.on_received(meta, spooled.size, outcome)
         return SUCCESS, ""
+
+
+@dataclass
+class StoreSession:
+    """The SCP's bookkeeping for one association: what it stored, and the spool file made for its next
+    instance (see :meth:`ReceiveContext.answered`)."""
+
+    series: set[str] = field(default_factory=set)
+    last_series: str | None = None
+    stored: int = 0
+    spare: IncomingFile | None = None
 
 
 @dataclass
@@ -305,29 +318,32 @@ class ReceiveContext:
     store: Store
     on_received: Any = None  # optional callback(meta, size, outcome) for metrics
 
-    def accepted(self, assoc: Association) -> None:
+    def new_session(self) -> StoreSession:
+        return StoreSession()
+
+    def accepted(self, assoc: Association[StoreSession]) -> None:
         metrics.association_accepted()
 
     def rejected(self, address: str, calling_aet: str, reason: str) -> None:
         metrics.rejection(f"association:{reason}")
 
-    def open_store(self, assoc: Association, request: StoreRequest) -> _SpoolSink:
+    def open_store(self, assoc: Association[StoreSession], request: StoreRequest) -> _SpoolSink:
         return _SpoolSink(self, assoc, request)
 
-    def answered(self, assoc: Association) -> None:
+    def answered(self, assoc: Association[StoreSession]) -> None:
         """Make the next instance's spool file now, while the peer prepares it: creating a file waits on the
         file system's journal (about 0.3 ms here), time that would otherwise sit between data and answer. It is
         made in the folder of the series just stored, so its commit is a rename within one folder."""
-        if "spare" in assoc.state:
+        if assoc.session.spare is not None:
             return
         try:
-            assoc.state["spare"] = self.spool.incoming(near=assoc.state.get("last_series"))
+            assoc.session.spare = self.spool.incoming(near=assoc.session.last_series)
         except (OutOfSpace, OSError):  # the next C-STORE finds out again, and answers for it
             pass
 
-    def take_spare(self, assoc: Association) -> IncomingFile:
+    def take_spare(self, assoc: Association[StoreSession]) -> IncomingFile:
         """The association's prepared spool file, or a new one; :class:`OutOfSpace` under the free-space floor."""
-        spare: IncomingFile | None = assoc.state.pop("spare", None)
+        spare, assoc.session.spare = assoc.session.spare, None
         if spare is None:
             return self.spool.incoming()
         if not self.spool.has_room():
@@ -335,21 +351,21 @@ class ReceiveContext:
             return self.spool.incoming()  # raises OutOfSpace
         return spare
 
-    def _drop_spare(self, assoc: Association) -> None:
-        spare: IncomingFile | None = assoc.state.pop("spare", None)
+    def _drop_spare(self, assoc: Association[StoreSession]) -> None:
+        spare, assoc.session.spare = assoc.session.spare, None
         if spare is not None:
             spare.discard()
 
-    def released(self, assoc: Association) -> None:
+    def released(self, assoc: Association[StoreSession]) -> None:
         """The sender finished normally; that is evidence (not proof) its series are complete."""
         self._drop_spare(assoc)
-        series = assoc.state.get("series")
+        series = assoc.session.series
         log.info("association from %s released: %d instance(s) stored in %d series", assoc.peer,
-                 assoc.state.get("stored", 0), len(series or ()))
+                 assoc.session.stored, len(series))
         if series:
             self.store.mark_released(sorted(series), now=time.time())
 
-    def aborted(self, assoc: Association) -> None:
+    def aborted(self, assoc: Association[StoreSession]) -> None:
         self._drop_spare(assoc)
 
 

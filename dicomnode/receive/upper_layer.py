@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -110,17 +110,26 @@ class AcceptorSettings:
     yield_per_connection: float = 0.0
 
 
+S = TypeVar("S")
+
+
 @dataclass
-class Association:
-    """One accepted association as the handlers see it."""
+class Association(Generic[S]):
+    """One accepted association as the handlers see it.
+
+    ``session`` is the handler's own bookkeeping for this association, made by
+    :meth:`StorageHandler.new_session` when it is accepted; the upper layer only carries it. ``released`` is set
+    by the upper layer when the peer released the association normally.
+    """
 
     calling_aet: str
     called_aet: str
     address: str
     port: int
+    session: S
     peer_max_pdu: int = 0  # the requestor's maximum receive length; 0 = unlimited
     contexts: dict[int, tuple[str, str]] = field(default_factory=dict)  # id -> (abstract syntax, transfer syntax)
-    state: dict[str, Any] = field(default_factory=dict)  # for the handler's own bookkeeping
+    released: bool = False
 
     @property
     def peer(self) -> str:
@@ -154,19 +163,25 @@ class DataSink(Protocol):
         ...
 
 
-class StorageHandler(Protocol):
-    def accepted(self, assoc: Association) -> None: ...
+class StorageHandler(Protocol[S]):
+    """What the upper layer calls; ``S`` is the type of the handler's per-association session."""
+
+    def new_session(self) -> S:
+        """Fresh bookkeeping for an association being accepted (carried as :attr:`Association.session`)."""
+        ...
+
+    def accepted(self, assoc: Association[S]) -> None: ...
 
     def rejected(self, address: str, calling_aet: str, reason: str) -> None: ...
 
-    def open_store(self, assoc: Association, request: StoreRequest) -> DataSink: ...
+    def open_store(self, assoc: Association[S], request: StoreRequest) -> DataSink: ...
 
-    def answered(self, assoc: Association) -> None:
+    def answered(self, assoc: Association[S]) -> None:
         """Called after a C-STORE response went out, while the peer prepares its next request."""
 
-    def released(self, assoc: Association) -> None: ...
+    def released(self, assoc: Association[S]) -> None: ...
 
-    def aborted(self, assoc: Association) -> None: ...
+    def aborted(self, assoc: Association[S]) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------------- encoding
@@ -328,7 +343,7 @@ class _Acceptor:
         self.address = address
         self.reader = _Reader(sock)
         self.has_slot = False
-        self.assoc: Association | None = None
+        self.assoc: Association[Any] | None = None
         # the DIMSE message being received
         self.command = bytearray()
         self.command_context = 0
@@ -354,7 +369,7 @@ class _Acceptor:
             if self.sink is not None:
                 self.sink.abandon()
                 self.sink = None
-            if self.assoc is not None and not self.assoc.state.get("released"):
+            if self.assoc is not None and not self.assoc.released:
                 self.handler.aborted(self.assoc)
 
     def _send_quietly(self, data: bytes) -> None:
@@ -373,7 +388,8 @@ class _Acceptor:
             raise ProtocolError(f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}", ABORT_UNEXPECTED_PDU)
         if length > MAX_ASSOCIATE_RQ:
             raise ProtocolError(f"A-ASSOCIATE-RQ of {length} bytes", ABORT_INVALID_PARAMETER)
-        if not self._associate(self.reader.read(length), length):
+        assoc = self._associate(self.reader.read(length), length)
+        if assoc is None:
             return
         self.sock.settimeout(self.settings.network_timeout)
         while True:
@@ -383,20 +399,18 @@ class _Acceptor:
             elif pdu_type == RELEASE_RQ:
                 self.reader.read(length)
                 self.sock.sendall(_RELEASE_RP)
-                assert self.assoc is not None
-                self.assoc.state["released"] = True
+                assoc.released = True
                 if self.sink is not None or self.pending is not None or self.command:
-                    log.warning("association with %s released in the middle of a message", self.assoc.peer)
+                    log.warning("association with %s released in the middle of a message", assoc.peer)
                     if self.sink is not None:
                         self.sink.abandon()
                         self.sink = None
-                self.handler.released(self.assoc)
+                self.handler.released(assoc)
                 return
             elif pdu_type == ABORT:
                 body = self.reader.read(length)
                 source = body[2] if len(body) >= 4 else -1
-                assert self.assoc is not None
-                log.warning("association with %s aborted by the peer (source %d)", self.assoc.peer, source)
+                log.warning("association with %s aborted by the peer (source %d)", assoc.peer, source)
                 return
             elif pdu_type in (ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, RELEASE_RP):
                 raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} during data transfer",
@@ -414,8 +428,8 @@ class _Acceptor:
 
     # ------------------------------------------------------------------------------------------- negotiation
 
-    def _associate(self, body: bytes, length: int) -> bool:
-        """Answer the A-ASSOCIATE-RQ; True when the association was accepted."""
+    def _associate(self, body: bytes, length: int) -> Association[Any] | None:
+        """Answer the A-ASSOCIATE-RQ; the association when it was accepted, None when it was rejected."""
         rq = A_ASSOCIATE_RQ()
         try:
             rq.decode(_PDU_HEADER.pack(ASSOCIATE_RQ, length) + body)
@@ -440,7 +454,7 @@ class _Acceptor:
             log.warning("association from %s@%s rejected: %s", calling, self.address[0], REJECT_REASONS[reject])
             self.handler.rejected(self.address[0], calling, REJECT_REASONS[reject])
             self._send_quietly(_reject_pdu(*reject))
-            return False
+            return None
         self.has_slot = True  # the server releases it when this association's thread ends
 
         peer_max, roles = 0, {}  # roles: {SOP class UID: (SCU role, SCP role)}
@@ -472,19 +486,19 @@ class _Acceptor:
         pdu.from_primitive(ac)
         self.assoc = Association(
             calling_aet=calling, called_aet=called, address=self.address[0], port=self.address[1],
-            peer_max_pdu=peer_max,
+            session=self.handler.new_session(), peer_max_pdu=peer_max,
             contexts={int(cast(int, cx.context_id)): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
                       for cx in results if cx.result == 0x00})
         self.sock.sendall(pdu.encode())
         log.info("association from %s accepted (%d of %d presentation contexts)", self.assoc.peer,
                  len(self.assoc.contexts), len(results))
         self.handler.accepted(self.assoc)
-        return True
+        return self.assoc
 
     # ----------------------------------------------------------------------------------------- data transfer
 
     def _p_data(self, length: int) -> None:
-        assoc = cast(Association, self.assoc)
+        assoc = cast(Association[Any], self.assoc)
         remaining = length
         if remaining < 6:
             raise ProtocolError("P-DATA-TF without a presentation data value", ABORT_INVALID_PARAMETER)
@@ -532,7 +546,7 @@ class _Acceptor:
             self._answer_with_data(context_id, cmd, sink)
 
     def _command(self, context_id: int, cmd: dict[int, bytes]) -> None:
-        assoc = cast(Association, self.assoc)
+        assoc = cast(Association[Any], self.assoc)
         field_ = _cmd_us(cmd, 0x00000100)
         has_data = _cmd_us(cmd, 0x00000800, NO_DATA_SET) != NO_DATA_SET
         if field_ & 0x8000:
@@ -570,10 +584,10 @@ class _Acceptor:
             status, comment = sink.finish()
         self._send_command(context_id, encode_response(field_, message_id, status, sop_class, sop_instance, comment))
         if sink is not None:
-            self.handler.answered(cast(Association, self.assoc))
+            self.handler.answered(cast(Association[Any], self.assoc))
 
     def _send_command(self, context_id: int, command: bytes) -> None:
-        assoc = cast(Association, self.assoc)
+        assoc = cast(Association[Any], self.assoc)
         self.sock.sendall(b"".join(pdata_pdus(context_id, command, True, assoc.peer_max_pdu)))
 
 
@@ -587,7 +601,7 @@ class UpperLayerServer:
     (TLS wrapping, socket options) or None to drop the connection.
     """
 
-    def __init__(self, settings: AcceptorSettings, handler: StorageHandler,
+    def __init__(self, settings: AcceptorSettings, handler: StorageHandler[Any],
                  supported_contexts: list[PresentationContext], listener: socket.socket,
                  prepare: Callable[[socket.socket, tuple[str, int]], socket.socket | None] | None = None) -> None:
         self.settings = settings

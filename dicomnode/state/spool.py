@@ -216,12 +216,14 @@ class IncomingFile:
 
     def commit(self, series_uid: str, sop_uid: str) -> SpooledFile:
         """Make the file durable under ``<root>/<series>/<sop>.dcm`` (atomically replacing an earlier copy)."""
+        fd = self._fd
+        if fd is None:
+            raise ValueError("the incoming file was already committed or discarded")
         final = self.spool.path_for(series_uid, sop_uid)
         self.flush()
-        assert self._fd is not None
         if self.spool.fsync:
-            os.fsync(self._fd)
-        os.close(self._fd)
+            os.fsync(fd)
+        os.close(fd)
         self._fd = None
         folder = final.parent
         new_folder = not folder.is_dir()
