@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pydicom
 import pytest
+
+from dicomnode.ops.runtime import configure_libraries
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DICOMNODE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -20,10 +21,13 @@ def series_dir(prefix: str) -> Path:
     return matches[0]
 
 
+# In-process tests run under the library settings every node process makes at start-up (strict writing,
+# lenient quiet reading, streamed C-STORE): see dicomnode.ops.runtime.
+configure_libraries()
+
+
 @pytest.fixture(autouse=True)
-def _strict_pydicom() -> object:
-    """Encode tests round-trip with strict value checking, as the house style asks."""
-    old = pydicom.config.settings.writing_validation_mode
-    pydicom.config.settings.writing_validation_mode = pydicom.config.RAISE
+def _node_library_settings() -> object:
+    """Every test starts from the node's settings, whatever an earlier test changed."""
+    configure_libraries()
     yield None
-    pydicom.config.settings.writing_validation_mode = old

@@ -14,8 +14,10 @@ to logits ``(N, C, pz, py, px)``.
 - CUDA out-of-memory: the batch is retried with half the batch size, down to 1, then the model moves to the
   CPU for good and the batch is retried there; each step is logged at WARNING. Out of memory on the CPU at
   batch size 1 raises :class:`InferenceOutOfMemory` (retryable).
-- Determinism: ``torch.use_deterministic_algorithms(True, warn_only=True)`` and cuDNN benchmark off while
-  predicting, a fixed patch order and accumulation order; the same input gives the same output on one device.
+- Determinism: :func:`configure_torch` sets ``torch.use_deterministic_algorithms(True, warn_only=True)`` and
+  cuDNN benchmark off once per process, before the first model is built (torch's flags are process-wide: they
+  are never flipped per call); with a fixed patch order and accumulation order the same input gives the same
+  output on one device.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -101,19 +103,11 @@ def importance_map(patch: tuple[int, int, int], blend: str) -> torch.Tensor:
     return weights.clamp_min(1e-3).to(torch.float32)
 
 
-@contextmanager
-def _deterministic() -> Iterator[None]:
-    """Deterministic algorithms while predicting; the previous global setting is restored afterwards."""
-    was = torch.are_deterministic_algorithms_enabled()
-    was_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    bench = torch.backends.cudnn.benchmark
+def configure_torch() -> None:
+    """Torch's process-wide flags for the node's models, set once per model-running process (idempotent):
+    deterministic algorithms (warn only where an operation has no deterministic version), cuDNN benchmark off."""
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=was_warn)
-        torch.backends.cudnn.benchmark = bench
 
 
 class ModelRunner:
@@ -126,6 +120,7 @@ class ModelRunner:
         settings: RunnerSettings | None = None,
         pad_value: float = 0.0,
     ) -> None:
+        configure_torch()  # process-wide, idempotent: set when the process loads its first model
         self.settings = settings or RunnerSettings()
         self.device = resolve_device(self.settings.device)
         self.patch_size = patch_size
@@ -145,12 +140,11 @@ class ModelRunner:
         windows = self._windows(tuple(int(s) for s in padded.shape))
         acc: torch.Tensor | None = None
         norm = torch.zeros(padded.shape, dtype=torch.float32)
-        with _deterministic():
-            for probs, window in self._batches(padded, windows):
-                if acc is None:
-                    acc = torch.zeros((probs.shape[0], *padded.shape), dtype=torch.float32)
-                acc[(slice(None), *window)] += probs * self._weights
-                norm[window] += self._weights
+        for probs, window in self._batches(padded, windows):
+            if acc is None:
+                acc = torch.zeros((probs.shape[0], *padded.shape), dtype=torch.float32)
+            acc[(slice(None), *window)] += probs * self._weights
+            norm[window] += self._weights
         if acc is None:  # cannot happen: _windows always yields at least one window
             raise RuntimeError("no window was predicted")
         out = acc / norm

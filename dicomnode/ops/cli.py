@@ -24,6 +24,7 @@ from dicomnode.config import Config, Destination, check_ae_title, load_config
 from dicomnode.errors import ConfigError, DicomNodeError
 from dicomnode.ops import admin
 from dicomnode.ops.logs import configure_logging
+from dicomnode.ops.runtime import configure_libraries
 from dicomnode.outputs.scu import StoreResult
 from dicomnode.state.store import JobState
 
@@ -344,6 +345,7 @@ def _fail(args: argparse.Namespace, message: str, code: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_libraries()
     try:
         return int(args.func(args))
     except ConfigError as exc:

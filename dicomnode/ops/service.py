@@ -90,7 +90,9 @@ class _Signals:
 
 def _child_setup(cfg: Config) -> _Signals:
     from dicomnode.ops.logs import configure_logging  # noqa: PLC0415
+    from dicomnode.ops.runtime import configure_libraries  # noqa: PLC0415
 
+    configure_libraries()
     configure_logging(cfg.logging.level, json_lines=cfg.logging.json)
     return _Signals()
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.config import Destination
@@ -101,14 +101,22 @@ def _context_chunks(files: Sequence[OutboundFile]) -> list[tuple[list[tuple[str,
     return chunks
 
 
-def _associate(dest: Destination, settings: ScuSettings, contexts: Sequence[tuple[str, str]]) -> Any:
+def _application_entity(settings: ScuSettings, contexts: Sequence[tuple[str, str | Sequence[str]]]) -> AE:
+    """The node's requesting AE with every timeout of ``settings`` and the requested presentation contexts."""
     ae = AE(ae_title=settings.calling_aet)
     ae.acse_timeout = settings.acse_timeout
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
     ae.connection_timeout = settings.connection_timeout
-    for sop_class, ts in contexts:
-        ae.add_requested_context(sop_class, ts)
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, syntaxes)
+    return ae
+
+
+def _associate(dest: Destination, settings: ScuSettings,
+               contexts: Sequence[tuple[str, str | Sequence[str]]]) -> Any:
+    """An established association with ``dest``; DeliveryError (retryable or not, as classified) if none."""
+    ae = _application_entity(settings, contexts)
     responses: list[Any] = []
     handlers: list[Any] = [(evt.EVT_CONN_OPEN, _nodelay),
                            (evt.EVT_ACSE_RECV, lambda e: responses.append(e.primitive))]
@@ -133,8 +141,8 @@ def send_files(dest: Destination, files: Sequence[OutboundFile], settings: ScuSe
     Raises :class:`DeliveryError` when an association cannot be set up (retryable or not, as classified) or
     is lost mid-way (retryable); results of files already answered are reported through ``on_result`` first.
     """
-    # Stream each data set from its file as stored (no decode/re-encode): the bytes sent are the bytes kept.
-    _config.STORE_SEND_CHUNKED_DATASET = True
+    # Each data set streams from its file as stored (pynetdicom's STORE_SEND_CHUNKED_DATASET, set once per
+    # process by dicomnode.ops.runtime): the bytes sent are the bytes kept.
     with metrics.stage_timer("send"):
         return _send_chunks(dest, files, settings, on_result)
 
@@ -173,18 +181,9 @@ def _send_chunks(dest: Destination, files: Sequence[OutboundFile], settings: Scu
 
 
 def echo(dest: Destination, settings: ScuSettings) -> int:
-    """C-ECHO ``dest``; return the status (0x0000 on success). Raises DeliveryError when no association."""
-    ae = AE(ae_title=settings.calling_aet)
-    ae.acse_timeout = settings.acse_timeout
-    ae.dimse_timeout = settings.dimse_timeout
-    ae.connection_timeout = settings.connection_timeout
-    ae.add_requested_context(Verification)
-    tls = (settings.ssl_context, dest.host) if settings.ssl_context is not None and dest.tls else None
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)], tls_args=tls)
-    if not assoc.is_established:
-        raise DeliveryError(f"cannot associate with {dest.ae_title}@{dest.host}:{dest.port}",
-                            retryable=not assoc.is_rejected)
+    """C-ECHO ``dest``; return the status (0x0000 on success). Raises DeliveryError when no association
+    (classified like a send's) or no response."""
+    assoc = _associate(dest, settings, [(Verification, DEFAULT_TRANSFER_SYNTAXES)])
     try:
         rsp = assoc.send_c_echo()
     finally:
