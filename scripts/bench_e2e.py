@@ -48,7 +48,10 @@ def run_node(work: Path, series: list[tuple[Path, int]], model: str) -> list[tup
             sent = storescu(node.port, [folder])
             if stored_count(sent) != count:
                 raise RuntimeError(sent.stderr[-500:])
-            wait_until(lambda n=done: node.status()["counts"]["jobs"]["DONE"] == n, 600, "job done", interval=0.2)
+            def all_done(n: int = done) -> bool:
+                return bool(node.status()["counts"]["jobs"]["DONE"] == n)
+
+            wait_until(all_done, 600, "job done", interval=0.2)
             job = store.list_jobs()[0]  # newest first
             complete = next(e.ts for e in store.events(series_uid=job.series_uid) if e.kind == "series.complete")
             last_ack = max(d.updated_at for d in store.deliveries(job.id))

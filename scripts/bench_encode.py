@@ -79,7 +79,7 @@ def main(argv: Sequence[str]) -> int:
         return 0
     table: dict[str, dict[str, tuple[float, float]]] = {}
     for name, (volume, labels) in inputs.items():
-        build_outputs(volume, labels, kinds=("seg",), **KW)  # type: ignore[arg-type]  # warm imports
+        build_outputs(volume, labels, kinds=("seg",), **KW)  # warm imports
         table[name] = {row: time_kinds(volume, labels, kinds, args.repeat) for row, kinds in ROWS.items()}
         both, seg = table[name]["seg+sr"], table[name]["seg"]
         table[name]["sr"] = (both[0] - seg[0], both[1] - seg[1])

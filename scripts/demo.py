@@ -134,8 +134,11 @@ def main() -> int:
     ]
     try:
         wait(lambda: http(o_http, "GET", "/system"), 60, "Orthanc")
-        wait(lambda: socket.create_connection(("127.0.0.1", node_port), timeout=0.5).close() is None,
-             60, "node")
+        def node_listens() -> bool:
+            socket.create_connection(("127.0.0.1", node_port), timeout=0.5).close()
+            return True
+
+        wait(node_listens, 60, "node")
         series = sample_series(workdir)
         print(f"uploading {series.name} to Orthanc ...")
         ids = [http(o_http, "POST", "/instances", raw=p.read_bytes())["ParentSeries"]

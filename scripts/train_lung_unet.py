@@ -233,7 +233,7 @@ def train(samples: list[Sample], steps: int, seed: int, batch: int, airway_weigh
         images, targets = random_batch(samples, rng, batch)
         loss = loss_fn(model(images), targets, weights)
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         optimiser.step()
         schedule.step()
         if step % 25 == 0 or step == steps - 1:

@@ -67,20 +67,22 @@ class NodeProcess:
         self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "node.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.metrics_url = ""  # set by tests that enable metrics
 
     def start(self) -> NodeProcess:
         start = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen([sys.executable, "-m", "dicomnode", "serve", "-c", str(self.config_path)],
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "dicomnode", "serve", "-c", str(self.config_path)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = proc
 
         def serving() -> bool:  # the supervisor logs it once every receiver process listens
             with open(self.log_path, "rb") as f:
                 f.seek(start)
                 return b" serving on " in f.read()
 
-        wait_until(lambda: serving() or self.proc.poll() is not None, 60, "node to serve")
-        if self.proc.poll() is not None:
+        wait_until(lambda: serving() or proc.poll() is not None, 60, "node to serve")
+        if proc.poll() is not None:
             raise RuntimeError(f"node exited: {self.log()}")
         return self
 

@@ -16,16 +16,12 @@ from pydicom.dataset import Dataset
 import dicomnode
 from dicomnode.errors import PipelineError
 from dicomnode.imaging.labels import LabelVolume
+from dicomnode.imaging.masks import lung_mask
 from dicomnode.imaging.volume import Volume, load_series_dir
 from dicomnode.outputs.encode import build_outputs, check_output, derive_uid
 from dicomnode.outputs.render import write_pngs
 from dicomnode.outputs.sc import overlay_slices
 from tests.conftest import series_dir
-
-try:  # the shared lung mask; the private threshold below stands in until masks.py is committed
-    from dicomnode.imaging.masks import lung_mask
-except ImportError:  # pragma: no cover
-    lung_mask = None
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -34,20 +30,10 @@ KW = {"series_number_base": 9000, "overlay_every": 10, "overlay_max": 3,
       "algorithm_family": "MorphologicalOperations"}
 
 
-def _threshold_mask(volume: Volume) -> LabelVolume:
-    from dicomnode.imaging.labels import LUNG_LEFT, LUNG_RIGHT
-    air = volume.data < -400
-    air[:, :, : volume.shape[2] // 8] = False
-    labels = np.zeros(volume.shape, np.uint8)
-    labels[:, :, : volume.shape[2] // 2][air[:, :, : volume.shape[2] // 2]] = 1
-    labels[:, :, volume.shape[2] // 2:][air[:, :, volume.shape[2] // 2:]] = 2
-    return LabelVolume(labels, (LUNG_RIGHT, LUNG_LEFT), "test-threshold", "0")
-
-
 @pytest.fixture(scope="module")
 def p01() -> tuple[Volume, LabelVolume]:
     volume = load_series_dir(series_dir("P01"))
-    labels = lung_mask(volume) if lung_mask is not None else _threshold_mask(volume)
+    labels = lung_mask(volume)
     return volume, labels
 
 
@@ -185,7 +171,7 @@ def test_every_output_names_dicomnode_and_the_model(outputs: list[Dataset]) -> N
 
 
 def ds_model(ds: Dataset) -> str:
-    return "dicomnode-classical-lung" if lung_mask is not None else "test-threshold"
+    return "dicomnode-classical-lung"
 
 
 def test_check_output_rejects_broken_objects(outputs: list[Dataset]) -> None:

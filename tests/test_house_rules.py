@@ -11,8 +11,9 @@ import pytest
 import torch
 from pydicom.config import IGNORE, RAISE, WARN
 from pydicom.dataelem import DataElement
+from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from torch import nn
 
 from dicomnode.config import (
@@ -77,7 +78,7 @@ def test_every_kind_is_known_to_the_factory_and_the_encoder() -> None:
 
 def test_read_back_check_does_not_flip_pydicom_validation(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[int, int]] = []
-    real = validate.pydicom.dcmread
+    real = pydicom.dcmread
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         settings = pydicom.config.settings
@@ -85,7 +86,7 @@ def test_read_back_check_does_not_flip_pydicom_validation(monkeypatch: pytest.Mo
         return real(*args, **kwargs)
 
     ds = pydicom.dcmread(next(iter(sorted(series_dir("P03").iterdir()))))
-    monkeypatch.setattr(validate.pydicom, "dcmread", spy)
+    monkeypatch.setattr(pydicom, "dcmread", spy)  # what validate calls, through the module
     validate.encode_strict(ds)
     assert seen == [(IGNORE, RAISE)]  # the node's process-wide settings, untouched during the call
 
@@ -145,6 +146,7 @@ def test_echo_and_send_associate_with_every_timeout(verb: str, tmp_path: Path,
     port = free_port()
     server = scp.start_server(("127.0.0.1", port), block=False,
                               evt_handlers=[(evt.EVT_C_STORE, lambda e: 0x0000)])
+    assert server is not None
     settings = ScuSettings(calling_aet="NODE", acse_timeout=11.0, dimse_timeout=12.0, network_timeout=13.0,
                            connection_timeout=14.0)
     dest = Destination(name="peer", ae_title="PEER", host="127.0.0.1", port=port)
@@ -154,8 +156,9 @@ def test_echo_and_send_associate_with_every_timeout(verb: str, tmp_path: Path,
         else:
             ds = pydicom.dcmread(next(iter(sorted(series_dir("P03").iterdir()))))
             path = tmp_path / "sc.dcm"
-            ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
-            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+            ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1")
+            ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+            ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
             ds.save_as(path)
             item = OutboundFile(path=str(path), sop_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
                                 transfer_syntax="1.2.840.10008.1.2.1")

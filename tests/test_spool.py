@@ -48,7 +48,12 @@ def test_disk_writes_of_a_large_instance_start_while_it_arrives_only_when_durabl
 
 def test_small_instance_is_written_once_at_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[int] = []
-    monkeypatch.setattr(spool_module, "_start_writeback", lambda fd, offset, length, flags: started.append(length) or 0)
+
+    def record(fd: int, offset: int, length: int, flags: int) -> int:
+        started.append(length)
+        return 0
+
+    monkeypatch.setattr(spool_module, "_start_writeback", record)
     data = os.urandom(100 * KIB)
     spool = Spool(tmp_path / "spool")
     incoming = spool.incoming()

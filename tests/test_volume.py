@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import (
+    UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -268,8 +269,9 @@ def test_fast_path_bit_depths_and_unused_high_bits(tmp_path: Path, bits: int, st
     values = rng.integers(info.min, info.max, size=(2, 6, 5), endpoint=True, dtype=dtype)
     ds = pydicom.Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = syntax
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = MRImageStorage
+    ds.file_meta.TransferSyntaxUID = UID(syntax)
+    ds.SOPClassUID = MRImageStorage
+    ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
     ds.Rows, ds.Columns, ds.NumberOfFrames = 6, 5, 2
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
