@@ -93,12 +93,18 @@ class StorageConfig:
 
 @dataclass(frozen=True)
 class CompletionConfig:
-    """DICOM has no 'series complete' message: a series is complete after a quiet period."""
+    """DICOM has no 'series complete' message: a series is complete after a quiet period, or sooner on evidence.
+
+    ``on_release``: what the release of the association that sent a series' last instance means.
+    ``"evidence"`` (default): complete at once when the received images form a complete volume (one
+    orientation, evenly spaced positions with no gap, the count stated by ImagesInAcquisition; see
+    :mod:`dicomnode.imaging.completeness`), else wait for the quiet period. A number: complete that many
+    seconds after the release, whatever the images say. ``"off"``: only the quiet period counts (for senders
+    that send every image over its own association).
+    """
 
     quiet_seconds: float = 30.0
-    # Shorter quiet period once the association that delivered the series was released; None disables it
-    # (some modalities send every image over its own association).
-    after_release_seconds: float | None = None
+    on_release: float | Literal["evidence", "off"] = "evidence"
     on_late_instance: LateInstancePolicy = LateInstancePolicy.REPROCESS
 
 
@@ -320,7 +326,12 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, where)
+        for alternative in inner[:-1]:  # the first alternative that takes the value
+            try:
+                return _convert(alternative, value, where)
+            except ConfigError:
+                continue
+        return _convert(inner[-1], value, where)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -405,6 +416,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"storage.path: {cfg.storage.path} exists and is not a directory")
     if cfg.completion.quiet_seconds < 0:
         raise ConfigError("completion.quiet_seconds: must not be negative")
+    if isinstance(cfg.completion.on_release, float) and cfg.completion.on_release < 0:
+        raise ConfigError("completion.on_release: seconds must not be negative")
     if cfg.worker.workers < 0:
         raise ConfigError("worker.workers: must not be negative")
     if cfg.worker.max_attempts < 1:

@@ -119,7 +119,7 @@ def main() -> int:
     node_cfg = {
         "node": {"ae_title": "DICOMNODE", "port": node_port},
         "storage": {"path": str(workdir / "node"), "min_free_mb": 64},
-        "completion": {"quiet_seconds": 3, "after_release_seconds": 1},
+        "completion": {"quiet_seconds": 3, "on_release": "evidence"},
         "destinations": [{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": o_dicom}],
         "pipelines": [pipe], "rules": [{"name": "ct", "pipelines": ["demo"], "match": {"modality": ["CT"]}}],
         "metrics": {"enabled": True, "port": metrics_port},

@@ -64,8 +64,8 @@ def test_series_completes_only_after_the_quiet_period(store: Store) -> None:
 def test_release_shortens_the_quiet_period_when_configured(store: Store) -> None:
     receive(store, 2, at=T0)
     store.mark_released(["1.2.3"], now=T0 + 1)
-    assert jobs.promote(store, lambda s: always("p"), now=T0 + 3, quiet_seconds=30, after_release_seconds=None) == []
-    promoted = jobs.promote(store, lambda s: always("p"), now=T0 + 3, quiet_seconds=30, after_release_seconds=2)
+    assert jobs.promote(store, lambda s: always("p"), now=T0 + 3, quiet_seconds=30, on_release="off") == []
+    promoted = jobs.promote(store, lambda s: always("p"), now=T0 + 3, quiet_seconds=30, on_release=2.0)
     assert promoted == ["1.2.3"]
     assert "association released" in store.get_series("1.2.3").reason  # type: ignore[union-attr]
 

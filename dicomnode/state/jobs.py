@@ -56,16 +56,33 @@ class OutboundFile:
     transfer_syntax: str
 
 
-def due_series(store: Store, *, now: float, quiet_seconds: float,
-               after_release_seconds: float | None) -> list[tuple[SeriesRow, str]]:
-    """Series in RECEIVING judged complete at ``now``, each with the reason it was judged so."""
+#: Judges a released series' received instances: (complete, reason). Supplied by the worker (it reads the
+#: images' headers, which this package does not), see :mod:`dicomnode.imaging.completeness`.
+EvidenceJudge = Callable[[SeriesRow], tuple[bool, str]]
+
+
+def due_series(store: Store, *, now: float, quiet_seconds: float, on_release: float | str = "off",
+               evidence: EvidenceJudge | None = None) -> list[tuple[SeriesRow, str]]:
+    """Series in RECEIVING judged complete at ``now``, each with the reason it was judged so.
+
+    A series is due after ``quiet_seconds`` without an instance; sooner once the association that sent its
+    last instance was released (``released_at`` is cleared by every new instance): ``on_release`` seconds
+    after that, or, with ``on_release="evidence"``, as soon as ``evidence`` finds the instances complete.
+    """
     out: list[tuple[SeriesRow, str]] = []
     for row in store.series_in_state(SeriesState.RECEIVING):
         idle = now - row.last_received
         if idle >= quiet_seconds:
             out.append((row, f"no instance for {idle:.1f} s (quiet period {quiet_seconds:g} s)"))
-        elif after_release_seconds is not None and row.released_at is not None and idle >= after_release_seconds:
-            out.append((row, f"association released and no instance for {idle:.1f} s"))
+        elif row.released_at is None or on_release == "off":
+            continue
+        elif isinstance(on_release, (int, float)):
+            if idle >= on_release:
+                out.append((row, f"association released and no instance for {idle:.1f} s"))
+        elif on_release == "evidence" and evidence is not None:
+            complete, why = evidence(row)
+            if complete:
+                out.append((row, f"association released and the instances form a complete volume ({why})"))
     return out
 
 
@@ -97,11 +114,11 @@ def complete_series(store: Store, series: SeriesRow, *, reason: str, route: Rout
 
 
 def promote(store: Store, router: Callable[[SeriesRow], Route], *, now: float, quiet_seconds: float,
-            after_release_seconds: float | None = None) -> list[str]:
-    """Promote every series that is complete at ``now``; return their UIDs."""
+            on_release: float | str = "off", evidence: EvidenceJudge | None = None) -> list[str]:
+    """Promote every series that is complete at ``now`` (see :func:`due_series`); return their UIDs."""
     promoted = []
-    for series, reason in due_series(store, now=now, quiet_seconds=quiet_seconds,
-                                     after_release_seconds=after_release_seconds):
+    for series, reason in due_series(store, now=now, quiet_seconds=quiet_seconds, on_release=on_release,
+                                     evidence=evidence):
         if complete_series(store, series, reason=reason, route=router(series), now=now):
             promoted.append(series.series_uid)
     return promoted

@@ -15,11 +15,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from dicomnode.errors import DicomNodeError, PipelineError
+from dicomnode.imaging.completeness import judge_stack
 from dicomnode.state import jobs
 from dicomnode.state.jobs import Backoff, Route
-from dicomnode.state.store import JobRow, JobState, SeriesRow
+from dicomnode.state.store import JobRow, JobState, SeriesRow, Store
 from dicomnode.work.pipeline import PipelineContext, run_job
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,32 @@ log = logging.getLogger(__name__)
 def owner_id(index: int = 0) -> str:
     """Lease owner name: host, pid and worker index (recovery uses host and pid to spot dead workers)."""
     return f"{socket.gethostname()}:{os.getpid()}:{index}"
+
+
+class EvidenceMemo:
+    """Judges a released series' instances (:func:`~dicomnode.imaging.completeness.judge_stack`) once per
+    state of the series (generation, count, last arrival), so a series waiting for its quiet period is not
+    read again at every poll."""
+
+    MAX_ENTRIES = 1024
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._seen: dict[str, tuple[tuple[int, int, float], tuple[bool, str]]] = {}
+
+    def __call__(self, row: SeriesRow) -> tuple[bool, str]:
+        key = (row.generation, row.n_instances, row.last_received)
+        hit = self._seen.get(row.series_uid)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        evidence = judge_stack([Path(i.path) for i in self.store.instances(row.series_uid)])
+        if not evidence.complete:
+            log.info("series %s: association released, no evidence of a complete volume (%s); waiting for the"
+                     " quiet period", row.series_uid, evidence.reason)
+        if len(self._seen) >= self.MAX_ENTRIES:
+            self._seen.clear()
+        self._seen[row.series_uid] = (key, (evidence.complete, evidence.reason))
+        return evidence.complete, evidence.reason
 
 
 @dataclass(frozen=True)
@@ -49,6 +77,7 @@ class Worker:
         self.on_job_done = on_job_done
         wcfg = ctx.config.worker
         self.backoff = Backoff(wcfg.max_attempts, wcfg.backoff_seconds, wcfg.backoff_max_seconds)
+        self.evidence = EvidenceMemo(ctx.store)
 
     def step(self, now: float | None = None) -> StepResult:
         """One round: requeue expired leases, promote complete series, run at most one due job."""
@@ -56,7 +85,7 @@ class Worker:
         store, cfg = self.ctx.store, self.ctx.config
         requeued = jobs.requeue_expired(store, now=now)
         promoted = jobs.promote(store, self.router, now=now, quiet_seconds=cfg.completion.quiet_seconds,
-                                after_release_seconds=cfg.completion.after_release_seconds)
+                                on_release=cfg.completion.on_release, evidence=self.evidence)
         job = jobs.claim(store, self.owner, now=now, lease_seconds=cfg.worker.lease_seconds)
         if job is None:
             return StepResult(tuple(promoted), tuple(requeued), None, None)
