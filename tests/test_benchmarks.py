@@ -23,3 +23,16 @@ def test_ingest_benchmark_runs_every_receiver_and_reports_rates_cpu_and_the_boun
         assert len(values) == 7 and all(float(v) > 0 for v in rates + sender_cpu), (name, values)
         assert all(float(v) >= 0 for v in receiver_cpu), (name, values)  # /proc counts in 10 ms ticks
     assert re.search(r"CPU bound for 4 associations on \d+ cores: \d+/s", out.stdout)
+
+
+def test_latency_benchmark_reports_both_rules() -> None:
+    out = subprocess.run([sys.executable, "scripts/bench_latency.py", "--series", "p01", "--quiet-seconds", "4"],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    row = re.search(r"P01 64 slices\s+evidence\s+([\d.]+) s \(complete after\s+([\d.]+) s\)\s+quiet period\s+"
+                    r"([\d.]+) s\s+ratio", out.stdout)
+    assert row is not None, out.stdout
+    evidence, complete_after, quiet = map(float, row.groups())
+    assert quiet > 4.0  # the quiet period alone decided: at least its length
+    assert complete_after < 4.0  # the evidence decided before the quiet period ended
+    assert "stages:" in out.stdout
