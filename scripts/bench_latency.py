@@ -47,6 +47,9 @@ def run(work: Path, rule: str, quiet: float, series: list[tuple[str, Path, int]]
                       rules=[{"name": "ct", "pipelines": ["lung"]}],
                       completion={"quiet_seconds": quiet, "on_release": rule})
     node = NodeProcess(work, cfg).start()
+    # the steady state of a running node: its worker has imported the pipeline's modules (a fresh node's
+    # first series waits for that once; scripts/bench_e2e.py reports that case)
+    wait_until(lambda: "worker 0 ready" in node.log(), 120, "worker ready")
     store = Store(work / "data" / "dicomnode.sqlite3")
     out = []
     try:

@@ -124,6 +124,7 @@ def worker_main(cfg: Config, index: int, stop: Any, ready: Any = None) -> None:
 
     threading.Thread(target=watch, daemon=True, name="stop-watch").start()
     worker = make_worker(cfg, index)
+    log.info("worker %d ready", index)
     if ready is not None:
         ready.set()
     if cfg.metrics.enabled:
