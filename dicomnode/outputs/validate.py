@@ -24,6 +24,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.config import RAISE
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, SecondaryCaptureImageStorage
@@ -38,6 +40,11 @@ _REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanc
 
 
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN", "SQ"})
+# VRs whose raw value is text, validated from the bytes as written (no conversion to pydicom's value types,
+# which costs more than the check itself on a SEG with hundreds of per-frame functional groups).
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC",
+                       "UI", "UR", "UT"})
+_MULTI_VALUED = _TEXT_VRS - {"LT", "ST", "UT", "UR"}  # backslash separates values (PS3.5 6.4)
 
 
 def _value_text(value: Any) -> Any:
@@ -48,21 +55,58 @@ def _value_text(value: Any) -> Any:
     return value if original is None else original
 
 
-def validate_values(ds: Dataset) -> None:
+def _fail(name: str, vr: str, exc: Exception) -> ValueError:
+    what = str(exc).split(":")[0].split("(")[0].strip() or "invalid value"
+    return ValueError(f"{name} ({vr}): {what}")
+
+
+def _check_raw(name: str, vr: str, raw: bytes, encoding: str) -> None:
+    try:
+        text = raw.decode(encoding).rstrip(" \0")  # padding: a space, or NUL for UI (PS3.5 6.2)
+    except UnicodeDecodeError as exc:
+        raise _fail(name, vr, exc) from None
+    for value in text.split("\\") if vr in _MULTI_VALUED else [text]:
+        if value:
+            try:
+                validate_value(vr, value, RAISE)
+            except (ValueError, TypeError) as exc:
+                raise _fail(name, vr, exc) from None
+
+
+def _check_converted(name: str, vr: str, value: Any) -> None:
+    values = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+    for item in values:
+        try:
+            validate_value(vr, _value_text(item), RAISE)
+        except (ValueError, TypeError) as exc:
+            raise _fail(name, vr, exc) from None
+
+
+def validate_values(ds: Dataset, encoding: str | None = None) -> None:
     """ValueError naming the first element (nested ones included) whose value breaks its VR's rules.
 
-    Explicit per element, so no process-global validation mode is flipped; the message never quotes the
-    value (it may be a patient's name)."""
-    for elem in ds.iterall():
-        if elem.VR in _BINARY_VRS or elem.is_empty:
+    Explicit per element, so no process-global validation mode is flipped; text values are checked from the
+    bytes read back where they are still raw (sequences are parsed to reach their items); the message never
+    quotes the value (it may be a patient's name)."""
+    if encoding is None:
+        charset = ds.get("SpecificCharacterSet", "")
+        encoding = "utf-8" if "192" in str(charset) else "latin-1"
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        if elem is None or tag.is_private:
             continue
-        values = list(elem.value) if isinstance(elem.value, (MultiValue, list, tuple)) else [elem.value]
-        for value in values:
-            try:
-                validate_value(elem.VR, _value_text(value), RAISE)
-            except (ValueError, TypeError) as exc:
-                what = str(exc).split(":")[0].split("(")[0].strip() or "invalid value"
-                raise ValueError(f"{elem.keyword or elem.tag} ({elem.VR}): {what}") from None
+        vr = elem.VR or dictionary_VR(tag)
+        name = keyword_for_tag(tag) or str(tag)
+        if vr == "SQ":
+            for item in ds[tag].value or ():
+                validate_values(item, encoding)
+        elif vr not in _TEXT_VRS:
+            continue
+        elif isinstance(elem, RawDataElement):
+            if elem.value:
+                _check_raw(name, vr, bytes(elem.value), encoding)
+        elif not elem.is_empty:
+            _check_converted(name, vr, elem.value)
 
 
 def encode_strict(ds: Dataset) -> tuple[bytes, Dataset]:
