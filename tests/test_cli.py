@@ -51,7 +51,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Any:
     dests = [{"name": "scp", "ae_title": "STORESCP", "host": "127.0.0.1", "port": scp.port},
              {"name": "down", "ae_title": "DOWN", "host": "127.0.0.1", "port": free_port()},
              {"name": "wrongae", "ae_title": "NOBODY", "host": "127.0.0.1", "port": port}]
-    cfg = node_config(workdir, node={"port": port}, completion={"quiet_seconds": 3600},
+    cfg = node_config(workdir, node={"port": port}, completion={"quiet_seconds": 3600, "on_release": "off"},
                       worker={"max_attempts": 3, "backoff_seconds": 600, "backoff_max_seconds": 600},
                       destinations=dests,
                       pipelines=[{"name": "fwd", "destinations": ["scp"]},

@@ -67,7 +67,7 @@ def _dataset_bytes(path: Path) -> bytes:
 
 
 def test_three_series_one_study_are_kept_apart(node: Any) -> None:
-    n = node(completion={"quiet_seconds": 600})
+    n = node(completion={"quiet_seconds": 600, "on_release": "off"})
     folders = [series_dir("P03"), series_dir("P01"), series_dir("P12")]
     out = storescu(n.port, folders)
     assert out.returncode == 0 and stored_count(out) == 156, out.stderr
@@ -80,7 +80,7 @@ def test_three_series_one_study_are_kept_apart(node: Any) -> None:
 
 
 def test_compressed_series_are_accepted_and_stored_byte_identical(node: Any, tmp_path: Path) -> None:
-    n = node(completion={"quiet_seconds": 600})
+    n = node(completion={"quiet_seconds": 600, "on_release": "off"})
     # storescu proposes compressed syntaxes only when asked: -xr RLE, -xv JPEG 2000 lossless.
     for folder, propose in ((series_dir("P10"), "-xr"), (series_dir("P11"), "-xv")):
         out = storescu(n.port, [folder], extra=(propose,))
@@ -97,7 +97,7 @@ def test_compressed_series_are_accepted_and_stored_byte_identical(node: Any, tmp
 
 def test_stored_bytes_are_the_bytes_on_the_wire(node: Any, tmp_path: Path) -> None:
     """Streamed straight from the files (no re-encoding by the sender), the spool holds identical bytes."""
-    n = node(completion={"quiet_seconds": 600})
+    n = node(completion={"quiet_seconds": 600, "on_release": "off"})
     files = sorted(series_dir("P11").iterdir())[:8] + sorted(series_dir("P10").iterdir())[:8]
     metas = [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
     ae = AE(ae_title="MODALITY")
@@ -118,7 +118,7 @@ def test_stored_bytes_are_the_bytes_on_the_wire(node: Any, tmp_path: Path) -> No
 
 
 def test_repeated_instances_count_once(node: Any) -> None:
-    n = node(completion={"quiet_seconds": 600})
+    n = node(completion={"quiet_seconds": 600, "on_release": "off"})
     folder = series_dir("P03")
     for _ in range(2):
         assert stored_count(storescu(n.port, [folder])) == 28
@@ -138,7 +138,7 @@ def test_unknown_calling_ae_is_rejected(node: Any) -> None:
 
 
 def test_malformed_dataset_gets_failure_status_and_node_keeps_serving(node: Any, tmp_path: Path) -> None:
-    n = node(completion={"quiet_seconds": 600})
+    n = node(completion={"quiet_seconds": 600, "on_release": "off"})
     src = pydicom.dcmread(next(series_dir("P03").iterdir()))
     good = tmp_path / "good.dcm"
     src.save_as(good, enforce_file_format=True)
@@ -281,7 +281,7 @@ def test_permanent_rejection_fails_the_job_without_endless_retries(node: Any, tm
 
 def test_receiving_continues_while_the_node_is_busy(node: Any) -> None:
     """Two modalities at once, over separate associations, both complete."""
-    n = node(completion={"quiet_seconds": 600}, node={"receivers": 2})
+    n = node(completion={"quiet_seconds": 600, "on_release": "off"}, node={"receivers": 2})
     results: dict[str, int] = {}
 
     def send(key: str, folder: Path) -> None:
