@@ -110,6 +110,7 @@ class WorkerConfig:
     max_attempts: int = 5
     backoff_seconds: float = 10.0  # first retry delay; doubles per attempt
     backoff_max_seconds: float = 1800.0
+    backoff_jitter: float = 0.5  # fraction of each retry delay drawn at random (0 = none, 1 = anywhere up to it)
     device: DevicePreference = DevicePreference.AUTO
 
 
@@ -413,6 +414,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("worker.workers: must not be negative")
     if cfg.worker.max_attempts < 1:
         raise ConfigError("worker.max_attempts: must be at least 1")
+    if not 0.0 <= cfg.worker.backoff_jitter <= 1.0:
+        raise ConfigError("worker.backoff_jitter: must lie between 0 and 1")
     _check_port(cfg.metrics.port, "metrics.port")
     names: set[str] = set()
     for i, dest in enumerate(cfg.destinations):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -48,7 +49,9 @@ class Worker:
         self.owner = owner_id(index)
         self.on_job_done = on_job_done
         wcfg = ctx.config.worker
-        self.backoff = Backoff(wcfg.max_attempts, wcfg.backoff_seconds, wcfg.backoff_max_seconds)
+        self.backoff = Backoff(wcfg.max_attempts, wcfg.backoff_seconds, wcfg.backoff_max_seconds,
+                               wcfg.backoff_jitter)
+        self.rng = random.Random()  # draws the retries' jitter; seeded from the OS, so workers differ
 
     def step(self, now: float | None = None) -> StepResult:
         """One round: requeue expired leases, promote complete series, run at most one due job."""
@@ -80,7 +83,8 @@ class Worker:
         finally:
             stop_heartbeat.set()
             beat.join()
-        state = jobs.finish(self.ctx.store, job, self.owner, now=time.time(), error=error, backoff=self.backoff)
+        state = jobs.finish(self.ctx.store, job, self.owner, now=time.time(), error=error, backoff=self.backoff,
+                            rng=self.rng)
         elapsed = time.monotonic() - started
         log.info("job %d pipeline=%s series=%s -> %s in %.2f s%s", job.id, job.pipeline, job.series_uid,
                  state.value, elapsed, f": {error}" if error else "")
