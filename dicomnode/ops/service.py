@@ -131,6 +131,7 @@ def worker_main(cfg: Config, index: int, stop: Any, ready: Any = None) -> None:
 
         worker.on_job_done = job_hook(worker.ctx.store)
     worker.run(local_stop)
+    worker.close()
     log.info("worker %d stopped", index)
 
 

@@ -6,8 +6,9 @@ Lifecycle: a series in RECEIVING that has been quiet long enough is *promoted*: 
 one QUEUED job per pipeline is created (or the series is IGNORED with the router's reason). A worker *claims*
 the oldest due job (BEGIN IMMEDIATE, so only one worker wins) with a lease it renews while working. The job ends
 DONE, FAILED (permanent error, or attempts exhausted) or back in QUEUED with an exponential backoff (capped, with
-jitter so that jobs that failed together do not retry together). A job whose
-lease expired (its worker died) is requeued at start-up and on every worker step.
+jitter so that jobs that failed together do not retry together). A job whose worker is known to be gone (its
+liveness lock is free: :mod:`dicomnode.state.owners`) is requeued at once; one whose lease expired (a worker on
+another host, or one that hangs) on every worker step.
 """
 
 from __future__ import annotations
@@ -210,6 +211,24 @@ def requeue_expired(store: Store, *, now: float) -> list[int]:
     return [r["id"] for r in rows]
 
 
+def requeue_owned(store: Store, owners: Sequence[str], *, now: float, why: str) -> list[int]:
+    """Put RUNNING jobs held by ``owners`` (known to be gone: ``why`` says how) back in the queue at once, without
+    waiting for their leases; return their ids. A job finished or taken over meanwhile is left alone."""
+    requeued: list[int] = []
+    with store.transaction() as conn:
+        for owner in owners:
+            rows = conn.execute("SELECT id, series_uid FROM jobs WHERE state = ? AND lease_owner = ?",
+                                (JobState.RUNNING.value, owner)).fetchall()
+            for row in rows:
+                conn.execute("UPDATE jobs SET state = ?, lease_owner = NULL, lease_expires = NULL,"
+                             " next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                             (JobState.QUEUED.value, now, now, row["id"]))
+                Store.event(conn, "job.requeued", f"worker {owner} is gone ({why})", now=now,
+                            series_uid=row["series_uid"], job_id=row["id"])
+                requeued.append(row["id"])
+    return requeued
+
+
 def retry(store: Store, job_id: int, *, now: float) -> JobRow:
     """Operator retry: a FAILED or CANCELLED (or waiting QUEUED) job is due now, its attempts reset.
 
@@ -291,6 +310,6 @@ def force_complete(store: Store, series_uid: str, router: Callable[[SeriesRow], 
 
 __all__ = [
     "Backoff", "OutboundFile", "Route", "add_deliveries", "cancel", "claim", "complete_series", "due_series",
-    "finish", "force_complete", "mark_delivery", "promote", "renew_lease", "requeue_expired", "retry",
+    "finish", "force_complete", "mark_delivery", "promote", "renew_lease", "requeue_expired", "requeue_owned", "retry",
     "set_outputs_ready",
 ]

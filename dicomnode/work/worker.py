@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from dicomnode.errors import DicomNodeError, PipelineError
 from dicomnode.state import jobs
 from dicomnode.state.jobs import Backoff, Route
+from dicomnode.state.owners import OwnerLock
+from dicomnode.state.recovery import requeue_dead_workers
 from dicomnode.state.store import JobRow, JobState, SeriesRow
 from dicomnode.work.pipeline import PipelineContext, run_job
 
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def owner_id(index: int = 0) -> str:
-    """Lease owner name: host, pid and worker index (recovery uses host and pid to spot dead workers)."""
+    """Lease owner name: host, pid and worker index (also the name of the worker's liveness lock)."""
     return f"{socket.gethostname()}:{os.getpid()}:{index}"
 
 
@@ -47,17 +49,25 @@ class Worker:
         self.ctx = ctx
         self.router = router
         self.owner = owner_id(index)
+        # held for the life of this worker (of the process, at the latest): recovery sees the job of a worker
+        # whose lock is free as abandoned, at once (dicomnode.state.owners)
+        self.lock = OwnerLock.acquire(ctx.store.path, self.owner)
         self.on_job_done = on_job_done
         wcfg = ctx.config.worker
         self.backoff = Backoff(wcfg.max_attempts, wcfg.backoff_seconds, wcfg.backoff_max_seconds,
                                wcfg.backoff_jitter)
         self.rng = random.Random()  # draws the retries' jitter; seeded from the OS, so workers differ
 
+    def close(self) -> None:
+        """Release the worker's liveness lock (a job it still holds is then requeued by the next recovery)."""
+        self.lock.release()
+
     def step(self, now: float | None = None) -> StepResult:
-        """One round: requeue expired leases, promote complete series, run at most one due job."""
+        """One round: requeue jobs of ended workers and expired leases, promote complete series, run at most one
+        due job."""
         now = time.time() if now is None else now
         store, cfg = self.ctx.store, self.ctx.config
-        requeued = jobs.requeue_expired(store, now=now)
+        requeued = requeue_dead_workers(store, now=now) + jobs.requeue_expired(store, now=now)
         promoted = jobs.promote(store, self.router, now=now, quiet_seconds=cfg.completion.quiet_seconds,
                                 after_release_seconds=cfg.completion.after_release_seconds)
         job = jobs.claim(store, self.owner, now=now, lease_seconds=cfg.worker.lease_seconds)
