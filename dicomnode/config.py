@@ -61,7 +61,7 @@ class TlsConfig:
     cert_file: Path | None = None
     key_file: Path | None = None
     ca_file: Path | None = None
-    require_client_cert: bool = True
+    require_client_cert: bool = True  # needs ca_file when enabled (a configuration error otherwise)
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,7 @@ class WorkerConfig:
     max_attempts: int = 5
     backoff_seconds: float = 10.0  # first retry delay; doubles per attempt
     backoff_max_seconds: float = 1800.0
+    backoff_jitter: float = 0.5  # fraction of each retry delay drawn at random (0 = none, 1 = anywhere up to it)
     device: DevicePreference = DevicePreference.AUTO
 
 
@@ -412,6 +413,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("node.max_pdu_size: must be 0 (unlimited) or positive")
     if node.tls.enabled and (node.tls.cert_file is None or node.tls.key_file is None):
         raise ConfigError("node.tls: cert_file and key_file are required when enabled")
+    if node.tls.enabled and node.tls.require_client_cert and node.tls.ca_file is None:
+        # Without trust anchors the SCP cannot verify a client certificate, so it would accept any caller.
+        raise ConfigError("node.tls.require_client_cert: needs node.tls.ca_file (the CA that client certificates"
+                          " must chain to); set require_client_cert: false to accept callers without one")
     if cfg.storage.path.exists() and not cfg.storage.path.is_dir():
         raise ConfigError(f"storage.path: {cfg.storage.path} exists and is not a directory")
     if cfg.completion.quiet_seconds < 0:
@@ -422,6 +427,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("worker.workers: must not be negative")
     if cfg.worker.max_attempts < 1:
         raise ConfigError("worker.max_attempts: must be at least 1")
+    if not 0.0 <= cfg.worker.backoff_jitter <= 1.0:
+        raise ConfigError("worker.backoff_jitter: must lie between 0 and 1")
     _check_port(cfg.metrics.port, "metrics.port")
     names: set[str] = set()
     for i, dest in enumerate(cfg.destinations):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,30 @@ def test_retryable_errors_back_off_then_fail(store: Store) -> None:
     assert series is not None and series.state is SeriesState.FAILED and "pacs down" in series.reason
 
 
+def test_retry_delays_are_jittered_so_a_returning_pacs_is_not_hit_all_at_once(store: Store) -> None:
+    """Forty jobs fail together (the PACS went down): their retries spread over [d * (1 - jitter), d] instead of
+    all falling due at the same second; the spread comes from the injected generator, so it is reproducible."""
+    backoff = Backoff(max_attempts=5, base_seconds=60, max_seconds=600, jitter=0.5)
+    assert backoff.delay(3, draw=0.0) == 240 and backoff.delay(3, draw=1.0) == 120  # the two ends, capped after
+    assert backoff.delay(9, draw=0.0) == 600 and Backoff(5, 60, 600).delay(3, draw=0.9) == 240  # no jitter: exact
+    for i in range(40):
+        receive(store, 1, at=T0, series=f"1.2.{i}")
+    jobs.promote(store, lambda s: always("p"), now=T0 + 60, quiet_seconds=1)
+
+    def fail_all(rng: random.Random, at: float) -> list[float]:
+        delays = []
+        while (job := jobs.claim(store, "w", now=at, lease_seconds=30)) is not None:
+            jobs.finish(store, job, "w", now=at, error=TransientError("pacs down"), backoff=backoff, rng=rng)
+            delays.append(store.get_job(job.id).next_attempt_at - at)  # type: ignore[union-attr]
+        return delays
+
+    first = fail_all(random.Random(7), T0 + 61)
+    assert len(first) == 40 and all(30 <= d <= 60 for d in first)  # attempt 1: base 60 s, jitter 50 %
+    assert len({round(d, 3) for d in first}) == 40 and max(first) - min(first) > 20  # spread, not a burst
+    second = fail_all(random.Random(7), T0 + 1000)  # attempt 2, same seed: the same draws, twice the delay
+    assert second == pytest.approx([2 * d for d in first])
+
+
 def test_permanent_error_fails_at_once_and_operator_retry_requeues(store: Store) -> None:
     receive(store, 1, at=T0)
     jobs.promote(store, lambda s: always("p"), now=T0 + 60, quiet_seconds=1)
@@ -192,6 +217,7 @@ def test_worker_step_runs_a_job_to_done_deterministically(tmp_path: Path) -> Non
     written = spool.write("1.2.3", "1.2.3.1", b"x" * 10)
     store.record_instance(meta("1.2.3.1"), written.path, 10, now=T0, reprocess_late=True)
     worker = Worker(PipelineContext(cfg, store, spool, ScuSettings("NODE"), {}), make_router(cfg))
+    assert worker.backoff == Backoff(5, 10.0, 1800.0, jitter=0.5)  # the config's defaults, jitter included
     assert worker.step(now=T0 + 4).job_id is None
     result = worker.step(now=T0 + 6)
     assert result.promoted == ("1.2.3",) and result.job_state is JobState.DONE

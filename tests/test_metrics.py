@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import signal
 import subprocess
+import time
 import urllib.error
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +118,50 @@ def test_health_reports_children_and_503_when_one_dies(node: Any) -> None:
 
     wait_until(unhealthy_then_restarted, 30, "worker restart seen in /health", interval=0.02)
     assert _get(node.metrics_url + "/nothing")[0] == 404
+
+
+EXIT_LINE = re.compile(r"^(\S+ \S+) ERROR MainProcess dicomnode\.ops\.service: worker-0 exited with code (-?\d+)"
+                       r" after [\d.]+ s; restart (\d+) in ([\d.]+) s$", re.M)
+
+
+def test_a_crash_looping_worker_is_restarted_with_backoff_logged_and_shown_on_health(tmp_path: Path) -> None:
+    """A worker that dies at start-up (here: its lock folder is blocked by a file) is restarted after 0.5, 1, 2,
+    4 ... s, one log line per restart with the exit code and the delay; /health says 503 with the restart count,
+    the last exit code and the next restart time; once the cause is gone the worker serves and health is 200."""
+    port = free_port()
+    cfg = node_config(tmp_path, metrics={"enabled": True, "port": port}, worker={"workers": 1})
+    blocker = tmp_path / "data" / "workers"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("not a folder")  # the worker cannot create its liveness lock: it exits with code 1
+    node = NodeProcess(tmp_path, cfg).start()
+    try:
+        wait_until(lambda: port_open(port), 30, "metrics port")
+        wait_until(lambda: len(EXIT_LINE.findall(node.log())) >= 4, 60, "four worker exits")
+        exits = EXIT_LINE.findall(node.log())
+        assert [(code, n, delay) for _, code, n, delay in exits[:4]] == [
+            ("1", "1", "0.5"), ("1", "2", "1.0"), ("1", "3", "2.0"), ("1", "4", "4.0")]
+        stamps = [datetime.strptime(ts, "%Y-%m-%d %H:%M:%S,%f") for ts, _, _, _ in exits[:4]]
+        gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(stamps)]
+        assert all(gap >= float(exits[i][3]) for i, gap in enumerate(gaps)), gaps  # it waited as it said
+        code, body = _get(f"http://127.0.0.1:{port}/health")
+        doc = json.loads(body)
+        (worker,) = doc["workers"]
+        assert code == 503 and doc["healthy"] is False
+        assert worker["restarts"] >= 3 and worker["last_exit_code"] == 1
+        if not worker["alive"]:  # waiting for its next start (not caught in the second it takes to start)
+            assert worker["next_restart_at"] > time.time() - 1
+        blocker.unlink()  # the operator fixes the cause: the next restart succeeds
+
+        def serving() -> bool:
+            code, body = _get(f"http://127.0.0.1:{port}/health")
+            w = json.loads(body)["workers"][0]
+            return code == 200 and w["alive"] and w["next_restart_at"] is None
+
+        wait_until(serving, 60, "worker serving after the fix")
+        (worker,) = json.loads(_get(f"http://127.0.0.1:{port}/health")[1])["workers"]
+        assert worker["last_exit_code"] == 1 and worker["restarts"] == len(EXIT_LINE.findall(node.log()))
+    finally:
+        node.stop()
 
 
 def test_stage_timer_and_observe_stage_in_process(tmp_path: Path) -> None:

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from dicomnode.config import parse_config
+from dicomnode.errors import ConfigError
 from tests.conftest import series_dir
 from tests.peers import (
     PEER_ENV,
@@ -116,3 +118,17 @@ def test_cli_send_and_echo_over_tls(tls_env: Any) -> None:
                           text=True, timeout=60)
     assert sent.returncode == 0, sent.stderr
     assert json.loads(sent.stdout)["stored"] == 3
+
+
+def test_require_client_cert_without_ca_file_is_a_start_up_error(certs: Path, tmp_path: Path) -> None:
+    """A node asked to require client certificates but given no CA to verify them against would accept
+    any caller (ssl cannot verify without trust anchors): refused when the config is read, before serving."""
+    tls = {"enabled": True, "cert_file": str(certs / "server.crt"), "key_file": str(certs / "server.key")}
+    with pytest.raises(ConfigError, match="node.tls.require_client_cert: needs node.tls.ca_file"):
+        parse_config({"node": {"tls": {**tls, "require_client_cert": True}}})
+    with pytest.raises(ConfigError, match="node.tls.require_client_cert"):
+        parse_config({"node": {"tls": tls}})  # true is the default
+    assert parse_config({"node": {"tls": {**tls, "require_client_cert": False}}}).node.tls.ca_file is None
+    node = NodeProcess(tmp_path, node_config(tmp_path, node={"tls": {**tls, "require_client_cert": True}}))
+    with pytest.raises(RuntimeError, match="require_client_cert"):
+        node.start()  # `dicomnode serve` exits at start-up and says why

@@ -3,8 +3,10 @@
 ``serve`` = one supervisor process + ``node.receivers`` receiver processes (Storage SCPs accepting from one
 listening socket the supervisor opens, so several associations are received in parallel without sharing a GIL)
 + ``worker.workers`` worker processes (each with its own resident model, so inference never slows receiving).
-They share nothing but the spool and the SQLite store. SIGTERM or SIGINT stops them gracefully: receivers stop
-accepting and finish their associations, workers finish (or abandon, lease intact) their current job.
+They share nothing but the spool and the SQLite store. A child that exits is restarted with a capped
+exponential backoff (:class:`RestartPolicy`), logged and shown on ``/health``. SIGTERM or SIGINT stops them
+gracefully: receivers stop accepting and finish their associations, workers finish (or abandon, lease intact)
+their current job.
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ def worker_main(cfg: Config, index: int, stop: Any, ready: Any = None) -> None:
 
         worker.on_job_done = job_hook(worker.ctx.store)
     worker.run(local_stop)
+    worker.close()
     log.info("worker %d stopped", index)
 
 
@@ -141,18 +144,42 @@ class _Child:
     target: Callable[..., None]
     index: int
     process: Any = None
-    restarts: int = 0
+    restarts: int = 0  # times it was started again after exiting
     ready: Any = None  # an Event the child sets when it serves (receivers: once listening)
+    started_at: float = 0.0  # time.monotonic() of the last start
+    failures: int = 0  # exits in a row, each after less than RestartPolicy.stable_seconds of life
+    last_exit_code: int | None = None  # negative: killed by that signal
+    restart_at: float | None = None  # time.monotonic() of the next start while it is down
+    next_restart_at: float | None = None  # the same as Unix time (for /health)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How the supervisor restarts a child that exited: after ``base_seconds``, doubling with every exit in a row
+    up to ``max_seconds``, so a child that crashes at start-up is not restarted in a tight loop for ever; a child
+    that had run ``stable_seconds`` or longer starts over at ``base_seconds``."""
+
+    base_seconds: float = 0.5
+    max_seconds: float = 60.0
+    stable_seconds: float = 60.0
+
+    def delay(self, failures: int) -> float:
+        """Seconds before the restart that follows the ``failures``-th exit in a row (failures >= 1)."""
+        return float(min(self.base_seconds * 2 ** max(failures - 1, 0), self.max_seconds))
 
 
 def _health(children: list[_Child], started: float) -> dict[str, Any]:
-    """The ``/health`` document: healthy when there is a receiver and every receiver and worker is alive."""
+    """The ``/health`` document: healthy when there is a receiver and every receiver and worker is alive.
+
+    Per child: pid, alive, restarts, last_exit_code (null until it exits) and next_restart_at (Unix time of its
+    next start while it is down and waiting, else null)."""
     doc: dict[str, Any] = {"receivers": [], "workers": []}
     for child in children:
-        alive = child.process is not None and child.process.is_alive()
+        alive = child.restart_at is None and child.process is not None and child.process.is_alive()
         role = "receivers" if child.target is receiver_main else "workers"
         doc[role].append({"name": child.name, "pid": child.process.pid if child.process else None,
-                          "alive": alive, "restarts": child.restarts})
+                          "alive": alive, "restarts": child.restarts, "last_exit_code": child.last_exit_code,
+                          "next_restart_at": child.next_restart_at})
     everyone = doc["receivers"] + doc["workers"]
     doc["healthy"] = bool(doc["receivers"]) and all(c["alive"] for c in everyone)
     doc["uptime_seconds"] = round(time.time() - started, 3)
@@ -170,6 +197,30 @@ def _wait_for_receivers(children: list[_Child], signals: _Signals, stop: Any, li
             if not child.process.is_alive() or signals.raised or stop.is_set() or time.monotonic() > deadline:
                 log.warning("%s is not listening yet", child.name)
                 return
+
+
+def _supervise(children: list[_Child], start: Callable[[_Child], None], on_exit: Callable[[_Child], None],
+               policy: RestartPolicy) -> None:
+    """One round of the supervisor: note the children that exited (exit code, next start per ``policy``, one log
+    line each) and start again those whose delay has passed. Never sleeps."""
+    now = time.monotonic()
+    for child in children:
+        if child.restart_at is not None:
+            if now >= child.restart_at:
+                child.restart_at = child.next_restart_at = None
+                child.restarts += 1
+                start(child)
+            continue
+        if child.process.is_alive():
+            continue
+        lived = now - child.started_at
+        child.failures = 1 if lived >= policy.stable_seconds else child.failures + 1
+        child.last_exit_code = child.process.exitcode
+        delay = policy.delay(child.failures)
+        child.restart_at, child.next_restart_at = now + delay, time.time() + delay
+        log.error("%s exited with code %s after %.1f s; restart %d in %.1f s", child.name, child.last_exit_code,
+                  lived, child.restarts + 1, delay)
+        on_exit(child)
 
 
 def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
@@ -192,6 +243,13 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
             args += (listener,)  # passed to the spawned process as a duplicate of the descriptor
         child.process = spawn.Process(target=child.target, args=args, name=child.name)
         child.process.start()
+        child.started_at = time.monotonic()
+
+    def on_exit(child: _Child) -> None:
+        if cfg.metrics.enabled:
+            metrics.process_exited(child.process.pid)
+        if child.target is worker_main:  # its job goes back to the queue now, not when the lease ends
+            requeue_dead_workers(store, now=time.time())
 
     signals = _Signals()
     for child in children:
@@ -206,17 +264,9 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
              cfg.node.host, cfg.node.port, cfg.node.receivers, cfg.worker.workers)
     if ready is not None:
         ready()
-    while not signals.wait(stop, 0.5):
-        for child in children:
-            if not child.process.is_alive():
-                log.error("%s exited with code %s; restarting it", child.name, child.process.exitcode)
-                if cfg.metrics.enabled:
-                    metrics.process_exited(child.process.pid)
-                child.restarts += 1
-                if child.target is worker_main:  # its job goes back to the queue now, not when the lease ends
-                    requeue_dead_workers(store, now=time.time())
-                time.sleep(0.5)
-                start(child)
+    policy = RestartPolicy()
+    while not signals.wait(stop, 0.1):
+        _supervise(children, start, on_exit, policy)
     log.info("stopping")
     stop.set()
     listener.close()  # the receivers close their copies as they stop; then the port refuses connections

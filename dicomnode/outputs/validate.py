@@ -150,12 +150,23 @@ def _check_identifiers(ds: Dataset) -> None:
         raise PipelineError(f"{_name(ds)}: file meta does not match the dataset's SOP class/instance")
 
 
+def _frame_segment_numbers(seg: Dataset) -> list[int]:
+    """The segment number of each frame. Segment Identification is a functional group: per frame, or in the
+    shared functional groups when every frame belongs to the same segment (highdicom writes a one-segment SEG
+    that way, as PS3.3 C.7.6.16 allows)."""
+    shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else Dataset()
+    numbers = []
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        group = item if "SegmentIdentificationSequence" in item else shared
+        numbers.append(int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber))
+    return numbers
+
+
 def _check_seg(ds: Dataset) -> None:
     try:
         seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
         numbers = list(seg.get_segment_numbers())
-        frames = [int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-                  for item in seg.PerFrameFunctionalGroupsSequence]
+        frames = _frame_segment_numbers(seg)
     except Exception as exc:  # highdicom raises many types on malformed input
         raise PipelineError(f"{_name(ds)}: highdicom cannot read the SEG back: {exc}") from exc
     if numbers != list(range(1, len(numbers) + 1)) or not numbers:

@@ -5,12 +5,15 @@ Every function takes ``now`` (Unix seconds) so the worker can be stepped determi
 Lifecycle: a series in RECEIVING that has been quiet long enough is *promoted*: the router picks pipelines and
 one QUEUED job per pipeline is created (or the series is IGNORED with the router's reason). A worker *claims*
 the oldest due job (BEGIN IMMEDIATE, so only one worker wins) with a lease it renews while working. The job ends
-DONE, FAILED (permanent error, or attempts exhausted) or back in QUEUED with an exponential backoff. A job whose
-lease expired (its worker died) is requeued at start-up and on every worker step.
+DONE, FAILED (permanent error, or attempts exhausted) or back in QUEUED with an exponential backoff (capped, with
+jitter so that jobs that failed together do not retry together). A job whose worker is known to be gone (its
+liveness lock is free: :mod:`dicomnode.state.owners`) is requeued at once; one whose lease expired (a worker on
+another host, or one that hangs) on every worker step.
 """
 
 from __future__ import annotations
 
+import random
 import sqlite3
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,13 +40,23 @@ class Route:
 
 @dataclass(frozen=True)
 class Backoff:
+    """Retry policy: exponential backoff, capped, with jitter.
+
+    ``jitter`` (0 to 1) is the fraction of each delay drawn at random, so that the jobs that failed together
+    when a destination went down do not all fall due in the same second when it comes back.
+    """
+
     max_attempts: int
     base_seconds: float
     max_seconds: float
+    jitter: float = 0.0
 
-    def delay(self, attempts: int) -> float:
-        """Seconds to wait before attempt ``attempts + 1`` (attempts >= 1): base * 2^(attempts-1), capped."""
-        return float(min(self.base_seconds * 2 ** max(attempts - 1, 0), self.max_seconds))
+    def delay(self, attempts: int, *, draw: float = 0.0) -> float:
+        """Seconds to wait before attempt ``attempts + 1`` (attempts >= 1): d = base * 2^(attempts-1) capped at
+        ``max_seconds``, then shortened by ``jitter * draw * d`` with ``draw`` uniform in [0, 1): the delay lies in
+        [d * (1 - jitter), d], never past the cap."""
+        capped = min(self.base_seconds * 2 ** max(attempts - 1, 0), self.max_seconds)
+        return float(capped * (1.0 - self.jitter * draw))
 
 
 @dataclass(frozen=True)
@@ -149,8 +162,11 @@ def renew_lease(store: Store, job_id: int, owner: str, *, now: float, lease_seco
 
 
 def finish(store: Store, job: JobRow, owner: str, *, now: float, error: DicomNodeError | None,
-           backoff: Backoff) -> JobState:
-    """End an attempt: DONE, QUEUED again after a backoff (retryable error), or FAILED. Returns the state."""
+           backoff: Backoff, rng: random.Random | None = None) -> JobState:
+    """End an attempt: DONE, QUEUED again after a backoff (retryable error), or FAILED. Returns the state.
+
+    ``rng`` draws the backoff's jitter (a worker passes its own generator; tests a seeded one); without it Python's
+    shared generator is used."""
     with store.transaction() as conn:
         row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job.id,)).fetchone()
         if row is None or row["state"] != JobState.RUNNING.value or row["lease_owner"] != owner:
@@ -159,9 +175,9 @@ def finish(store: Store, job: JobRow, owner: str, *, now: float, error: DicomNod
         if error is None:
             state, next_at, message = JobState.DONE, now, "done"
         elif error.retryable and attempts < backoff.max_attempts:
-            delay = backoff.delay(attempts)
+            delay = backoff.delay(attempts, draw=rng.random() if rng is not None else random.random())
             state, next_at = JobState.QUEUED, now + delay
-            message = f"attempt {attempts} failed (retryable), retry in {delay:g} s: {error}"
+            message = f"attempt {attempts} failed (retryable), retry in {delay:.1f} s: {error}"
         else:
             state, next_at = JobState.FAILED, now
             why = "permanent error" if not error.retryable else f"gave up after {attempts} attempts"
@@ -210,6 +226,24 @@ def requeue_expired(store: Store, *, now: float) -> list[int]:
             Store.event(conn, "job.requeued", f"lease of {row['lease_owner']} expired (worker died?)",
                         now=now, series_uid=row["series_uid"], job_id=row["id"])
     return [r["id"] for r in rows]
+
+
+def requeue_owned(store: Store, owners: Sequence[str], *, now: float, why: str) -> list[int]:
+    """Put RUNNING jobs held by ``owners`` (known to be gone: ``why`` says how) back in the queue at once, without
+    waiting for their leases; return their ids. A job finished or taken over meanwhile is left alone."""
+    requeued: list[int] = []
+    with store.transaction() as conn:
+        for owner in owners:
+            rows = conn.execute("SELECT id, series_uid FROM jobs WHERE state = ? AND lease_owner = ?",
+                                (JobState.RUNNING.value, owner)).fetchall()
+            for row in rows:
+                conn.execute("UPDATE jobs SET state = ?, lease_owner = NULL, lease_expires = NULL,"
+                             " next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                             (JobState.QUEUED.value, now, now, row["id"]))
+                Store.event(conn, "job.requeued", f"worker {owner} is gone ({why})", now=now,
+                            series_uid=row["series_uid"], job_id=row["id"])
+                requeued.append(row["id"])
+    return requeued
 
 
 def retry(store: Store, job_id: int, *, now: float) -> JobRow:
@@ -293,6 +327,6 @@ def force_complete(store: Store, series_uid: str, router: Callable[[SeriesRow], 
 
 __all__ = [
     "Backoff", "OutboundFile", "Route", "add_deliveries", "cancel", "claim", "complete_series", "due_series",
-    "finish", "force_complete", "mark_delivery", "promote", "renew_lease", "requeue_expired", "retry",
+    "finish", "force_complete", "mark_delivery", "promote", "renew_lease", "requeue_expired", "requeue_owned", "retry",
     "set_outputs_ready",
 ]

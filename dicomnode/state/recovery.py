@@ -3,7 +3,8 @@
 - Temporary spool files (a write that never finished, so never acknowledged) are removed.
 - Spool files without a row (the database lost its last commits) are read (header only) and recorded.
 - Rows whose file is gone are flagged missing and left out of processing; an event says so.
-- RUNNING jobs whose worker process on this host is dead are requeued at once; others wait for their lease.
+- RUNNING jobs whose worker process on this host has ended (its liveness lock is free, see
+  :mod:`dicomnode.state.owners`) are requeued at once; others wait for their lease.
 
 Half-assembled series are never deleted: they simply continue to wait for their quiet period.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pydicom
 
-from dicomnode.state import jobs
+from dicomnode.state import jobs, owners
 from dicomnode.state.spool import Spool
 from dicomnode.state.store import InstanceMeta, JobState, Store
 
@@ -56,20 +57,27 @@ def _meta_from_file(path: Path) -> InstanceMeta:
         calling_aet=str(ds.file_meta.get("SourceApplicationEntityTitle", "")).strip())
 
 
-def requeue_dead_workers(store: Store, *, now: float) -> int:
-    """Requeue RUNNING jobs held by a worker process of this host that no longer exists."""
+def requeue_dead_workers(store: Store, *, now: float) -> list[int]:
+    """Requeue at once the RUNNING jobs of worker processes of this host that have ended; return their ids.
+
+    A worker is gone when its liveness lock is free (:mod:`dicomnode.state.owners`): no pid check, which a
+    killed process that has not finished exiting (or waits as a zombie) would still pass. A worker of a release
+    without these locks is judged by its pid. Jobs of other hosts wait for their leases. Called at start-up,
+    when the supervisor sees a worker exit, and on every worker step (so a job whose worker was still exiting
+    at start-up is taken up as soon as the kernel has let go of it)."""
+    requeued = jobs.requeue_owned(store, owners.sweep(store.path), now=now, why="its lock is free")
     host = socket.gethostname()
-    dead = []
+    legacy = set()
     for job in store.list_jobs(state=JobState.RUNNING):
-        owner_host, _, rest = (job.lease_owner or "").partition(":")
+        owner = job.lease_owner or ""
+        owner_host, _, rest = owner.partition(":")
         pid = rest.split(":")[0]
-        if owner_host == host and pid.isdigit() and not _pid_alive(int(pid)):
-            dead.append(job.id)
-    if dead:
-        with store.transaction() as conn:
-            for job_id in dead:
-                conn.execute("UPDATE jobs SET lease_expires = ? WHERE id = ?", (now - 1, job_id))
-    return len(jobs.requeue_expired(store, now=now)) if dead else 0
+        if (owner_host == host and pid.isdigit() and not owners.has_lock_file(store.path, owner)
+                and not _pid_alive(int(pid))):
+            legacy.add(owner)
+    if legacy:
+        requeued += jobs.requeue_owned(store, sorted(legacy), now=now, why="no process with its pid")
+    return requeued
 
 
 def recover(store: Store, spool: Spool, *, reprocess_late: bool, now: float | None = None) -> RecoveryReport:
@@ -94,7 +102,7 @@ def recover(store: Store, spool: Spool, *, reprocess_late: bool, now: float | No
     missing = [sop for sop, path in known.items() if sop not in on_disk and not Path(path).exists()]
     if missing:
         store.mark_missing(missing, now=now)
-    requeued = requeue_dead_workers(store, now=now)
+    requeued = len(requeue_dead_workers(store, now=now))
     report = RecoveryReport(partial, recorded, unreadable, len(missing), requeued)
     if any((partial, recorded, unreadable, missing, requeued)):
         store.add_event("recovery", f"removed {partial} partial file(s), recorded {recorded} unrecorded file(s),"

@@ -7,7 +7,9 @@ generation), ``deliveries`` (one per job, destination and object: the outbox led
 Durability: the spool is the source of truth for received data (every file is fsynced before its C-STORE is
 acknowledged); the database runs with ``synchronous=NORMAL``, so after a power cut the last few rows may be
 missing, and :func:`dicomnode.state.recovery.recover` re-records spool files that have no row. All times are Unix
-seconds (float). Every write goes through :meth:`Store.transaction`, which takes the write lock up front
+seconds (float). The schema carries a version (``PRAGMA user_version``, :mod:`dicomnode.state.schema`): opening a store
+written by an older dicomnode migrates it in place, keeping its queue; a store from a newer one is refused.
+Every write goes through :meth:`Store.transaction`, which takes the write lock up front
 (``BEGIN IMMEDIATE``) so two workers can never claim the same job.
 
 Writers queue on a lock of their own before SQLite's: a thread lock within a process and ``flock`` on
@@ -31,40 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomnode.errors import StoreError
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS series (
-    series_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, modality TEXT NOT NULL DEFAULT '',
-    body_part TEXT NOT NULL DEFAULT '', description TEXT NOT NULL DEFAULT '',
-    sop_class_uid TEXT NOT NULL DEFAULT '', image_type TEXT NOT NULL DEFAULT '',
-    calling_aet TEXT NOT NULL DEFAULT '', n_instances INTEGER NOT NULL DEFAULT 0,
-    n_bytes INTEGER NOT NULL DEFAULT 0, first_received REAL NOT NULL, last_received REAL NOT NULL,
-    released_at REAL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
-    generation INTEGER NOT NULL DEFAULT 1);
-CREATE INDEX IF NOT EXISTS series_state ON series(state, last_received);
-CREATE TABLE IF NOT EXISTS instances (
-    sop_uid TEXT PRIMARY KEY, series_uid TEXT NOT NULL, sop_class_uid TEXT NOT NULL,
-    transfer_syntax TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL, received_at REAL NOT NULL,
-    missing INTEGER NOT NULL DEFAULT 0);
-CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY, series_uid TEXT NOT NULL, pipeline TEXT NOT NULL, generation INTEGER NOT NULL,
-    state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, lease_owner TEXT, lease_expires REAL,
-    next_attempt_at REAL NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
-    error TEXT NOT NULL DEFAULT '', outputs_ready INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (series_uid, pipeline, generation));
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, next_attempt_at);
-CREATE TABLE IF NOT EXISTS deliveries (
-    job_id INTEGER NOT NULL, destination TEXT NOT NULL, sop_uid TEXT NOT NULL, path TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL, transfer_syntax TEXT NOT NULL, state TEXT NOT NULL,
-    status INTEGER, detail TEXT NOT NULL DEFAULT '', updated_at REAL NOT NULL,
-    PRIMARY KEY (job_id, destination, sop_uid));
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, series_uid TEXT, job_id INTEGER,
-    message TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS events_series ON events(series_uid);
-CREATE INDEX IF NOT EXISTS events_job ON events(job_id);
-"""
+from dicomnode.state import schema
 
 
 class SeriesState(str, enum.Enum):
@@ -216,7 +185,15 @@ class Store:
         self._writer_lock = threading.Lock()
         self._writer_fd: int | None = None
         self._writer_pid = os.getpid()
-        self._conn().executescript(SCHEMA)
+        self._prepare_schema()
+
+    def _prepare_schema(self) -> None:
+        """Create the tables, or migrate an older store (:func:`dicomnode.state.schema.migrate`): in one write
+        transaction, so processes starting together migrate once; no write lock when the store is current."""
+        if schema.user_version(self._conn()) == schema.SCHEMA_VERSION:
+            return
+        with self.transaction() as conn:
+            schema.migrate(conn, self.path, now=time.time())
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -21,6 +22,8 @@ from dicomnode.errors import DicomNodeError, PipelineError
 from dicomnode.imaging.completeness import judge_stack
 from dicomnode.state import jobs
 from dicomnode.state.jobs import Backoff, Route
+from dicomnode.state.owners import OwnerLock
+from dicomnode.state.recovery import requeue_dead_workers
 from dicomnode.state.store import JobRow, JobState, SeriesRow, Store
 from dicomnode.work.pipeline import PipelineContext, run_job
 
@@ -28,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def owner_id(index: int = 0) -> str:
-    """Lease owner name: host, pid and worker index (recovery uses host and pid to spot dead workers)."""
+    """Lease owner name: host, pid and worker index (also the name of the worker's liveness lock)."""
     return f"{socket.gethostname()}:{os.getpid()}:{index}"
 
 
@@ -74,16 +77,26 @@ class Worker:
         self.ctx = ctx
         self.router = router
         self.owner = owner_id(index)
+        # held for the life of this worker (of the process, at the latest): recovery sees the job of a worker
+        # whose lock is free as abandoned, at once (dicomnode.state.owners)
+        self.lock = OwnerLock.acquire(ctx.store.path, self.owner)
         self.on_job_done = on_job_done
         wcfg = ctx.config.worker
-        self.backoff = Backoff(wcfg.max_attempts, wcfg.backoff_seconds, wcfg.backoff_max_seconds)
+        self.backoff = Backoff(wcfg.max_attempts, wcfg.backoff_seconds, wcfg.backoff_max_seconds,
+                               wcfg.backoff_jitter)
+        self.rng = random.Random()  # draws the retries' jitter; seeded from the OS, so workers differ
         self.evidence = EvidenceMemo(ctx.store)
 
+    def close(self) -> None:
+        """Release the worker's liveness lock (a job it still holds is then requeued by the next recovery)."""
+        self.lock.release()
+
     def step(self, now: float | None = None) -> StepResult:
-        """One round: requeue expired leases, promote complete series, run at most one due job."""
+        """One round: requeue jobs of ended workers and expired leases, promote complete series, run at most one
+        due job."""
         now = time.time() if now is None else now
         store, cfg = self.ctx.store, self.ctx.config
-        requeued = jobs.requeue_expired(store, now=now)
+        requeued = requeue_dead_workers(store, now=now) + jobs.requeue_expired(store, now=now)
         promoted = jobs.promote(store, self.router, now=now, quiet_seconds=cfg.completion.quiet_seconds,
                                 on_release=cfg.completion.on_release, evidence=self.evidence)
         job = jobs.claim(store, self.owner, now=now, lease_seconds=cfg.worker.lease_seconds)
@@ -109,7 +122,8 @@ class Worker:
         finally:
             stop_heartbeat.set()
             beat.join()
-        state = jobs.finish(self.ctx.store, job, self.owner, now=time.time(), error=error, backoff=self.backoff)
+        state = jobs.finish(self.ctx.store, job, self.owner, now=time.time(), error=error, backoff=self.backoff,
+                            rng=self.rng)
         elapsed = time.monotonic() - started
         log.info("job %d pipeline=%s series=%s -> %s in %.2f s%s", job.id, job.pipeline, job.series_uid,
                  state.value, elapsed, f": {error}" if error else "")
