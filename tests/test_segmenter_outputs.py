@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -52,7 +53,9 @@ class Thresholds(nn.Module):
         self.conv = nn.Conv3d(1, 3, 1)
         with torch.no_grad():
             self.conv.weight.copy_(torch.tensor([0.0, -40.0, 40.0]).view(3, 1, 1, 1, 1))
-            self.conv.bias.copy_(torch.tensor([0.0, 12.0, -30.0]))  # class 1 below x=0.3, class 2 above 0.75
+            bias = self.conv.bias
+            assert bias is not None
+            bias.copy_(torch.tensor([0.0, 12.0, -30.0]))  # class 1 below x=0.3, class 2 above 0.75
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.conv(x)
@@ -134,7 +137,8 @@ def test_kind_encodes_seg_sr_and_sc_that_read_back(kind: SegmenterKind, tmp_path
     (sr_bytes,) = by_class.pop(SR_3D_CLASS)
     sr = hd.sr.srread(BytesIO(sr_bytes))
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
-    groups = sr.content.get_volumetric_roi_measurement_groups()
+    report: Any = sr.content  # a MeasurementReport (TID 1500) read back
+    groups = report.get_volumetric_roi_measurement_groups()
     assert len(groups) == len(present)
     pictures = by_class.pop(pydicom.uid.SecondaryCaptureImageStorage)
     assert len(pictures) >= 3  # overlays, the three-plane view, the 3D surface view
