@@ -170,19 +170,22 @@ def _per_instance(files: list[OutboundFile], body: Dataset, status: int,
 
 
 def _body(response: requests.Response | None) -> Dataset:
-    """The response's DICOM JSON body as a dataset (empty when there is none or it is not DICOM JSON)."""
-    if response is None or not response.content or "json" not in response.headers.get("Content-Type", ""):
+    """The response's DICOM JSON body as a dataset; empty when there is none or it is not DICOM JSON (some
+    servers, Orthanc among them, send the JSON of a failed STOW-RS without a Content-Type)."""
+    if response is None or not response.content:
+        return Dataset()
+    if "json" not in response.headers.get("Content-Type", "") and not response.content.lstrip().startswith(b"{"):
         return Dataset()
     try:
         return Dataset.from_json(response.json())
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, AttributeError):
         return Dataset()
 
 
 def _reason(response: requests.Response) -> str:
-    reason = response.reason or ""
-    text = response.text.strip().replace("\n", " ") if "json" not in response.headers.get("Content-Type", "") else ""
-    return f"{reason}: {text[:200]}" if text else reason
+    """HTTP reason phrase and the start of the body, on one line (servers explain refusals there)."""
+    text = " ".join(response.text.split())[:200] if response.content else ""
+    return f"{response.reason or ''}: {text}" if text else (response.reason or "")
 
 
 def _short(exc: BaseException) -> str:

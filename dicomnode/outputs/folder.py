@@ -2,7 +2,8 @@
 
 Layout: ``<path>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm`` (the spool's layout and its durable write: a
 temporary file, fsync, rename over the final name, fsync of the folder; a new series folder is fsync-ed into
-``<path>`` too). Paths hold no patient identifier. The bytes written are the bytes of the outbox (or spool) file,
+``<path>`` too; a crash can leave only a ``.tmp-*.part`` file, never a partial file under a final name). Paths
+hold no patient identifier. The bytes written are the bytes of the outbox (or spool) file,
 unchanged.
 
 Idempotent: a file already there with the same bytes is left as it is (a retry after a crash, or a re-run
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from collections.abc import Sequence
 from io import BytesIO
 from pathlib import Path
@@ -48,7 +50,10 @@ class FolderSender:
     def _open(self) -> Spool:
         if self._spool is None:
             try:
+                new = not self.root.is_dir()
                 self._spool = Spool(self.root, fsync=self.fsync)
+                if new and self.fsync:
+                    _fsync_dir(self.root.parent)
             except OSError as exc:
                 raise DeliveryError(f"{self.dest.name}: cannot use folder {self.root}: {exc.strerror}",
                                     retryable=exc.errno in (errno.ENOSPC, errno.EDQUOT)) from exc
@@ -81,7 +86,7 @@ class FolderSender:
         try:
             if target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data:
                 return StoreResult(f, Outcome.STORED, None, f"already in {target.parent.name}/ (same bytes)")
-            spool.write(series_uid, f.sop_uid, data)
+            self._write_durably(spool, series_uid, f.sop_uid, data)
         except OutOfSpace as exc:
             return StoreResult(f, Outcome.RETRYABLE, None, f"{self.dest.name}: {exc}")
         except OSError as exc:
@@ -90,8 +95,31 @@ class FolderSender:
                                f"{self.dest.name}: cannot write {target.name}: {exc.strerror}")
         return StoreResult(f, Outcome.STORED, None, f"written to {target.parent.name}/")
 
+    def _write_durably(self, spool: Spool, series_uid: str, sop_uid: str, data: bytes) -> None:
+        """Temporary file in the series folder, fsync, rename, fsync the folder (and the root for a new folder)."""
+        folder = spool.root / series_uid
+        if not folder.is_dir():
+            folder.mkdir(exist_ok=True)
+            if self.fsync:
+                _fsync_dir(spool.root)
+        incoming = spool.incoming(near=series_uid)  # made in the series folder: no stray .incoming folder
+        try:
+            incoming.write(data)
+            incoming.commit(series_uid, sop_uid)
+        except BaseException:
+            incoming.discard()
+            raise
+
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _series_uid(data: bytes) -> str | None:
