@@ -255,3 +255,22 @@ class Orthanc:
     def series_with_uid(self, series_uid: str) -> list[str]:
         found = self.request("POST", "/tools/find", {"Level": "Series", "Query": {"SeriesInstanceUID": series_uid}})
         return list(found)
+
+
+class TlsProxy:
+    """socat terminating TLS on a free loopback port (``pem``: certificate and key) and forwarding each
+    connection to ``target_port`` in the clear: HTTPS in front of a peer that only speaks HTTP.
+    (Debian's Orthanc 1.10.1 crashes on its own HTTPS: a segmentation fault at the first handshake.)"""
+
+    def __init__(self, pem: Path, target_port: int) -> None:
+        if shutil.which("socat") is None:
+            raise FileNotFoundError("socat not installed (the test command installs it)")
+        self.port = free_port()
+        listen = f"OPENSSL-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,cert={pem},verify=0"
+        self.proc = subprocess.Popen(["socat", listen, f"TCP:127.0.0.1:{target_port}"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: port_open(self.port), 20, "socat TLS proxy to listen")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)

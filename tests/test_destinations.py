@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from dicomnode.outputs.scu import ScuSettings
 from dicomnode.state.jobs import OutboundFile
 from dicomnode.state.store import DeliveryState, JobState, Store
 from tests.conftest import series_dir
-from tests.peers import NodeProcess, Orthanc, node_config, stored_count, storescu, wait_until
+from tests.peers import NodeProcess, Orthanc, TlsProxy, node_config, stored_count, storescu, wait_until
 
 pytestmark = pytest.mark.peers
 
@@ -152,6 +153,50 @@ def test_stow_rs_answers_are_classified_per_instance(tmp_path: Path) -> None:
         assert results[1].status == 0xC000 and "0xC000" in results[1].detail
         assert len(pacs.get("/instances")) == 1
     finally:
+        pacs.stop()
+
+
+def _server_certificate(folder: Path) -> tuple[Path, Path]:
+    """A private CA and a server certificate for 127.0.0.1 signed by it: (CA certificate, server PEM with key)."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+            "-subj", "/CN=dicomnode test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=127.0.0.1")
+    (folder / "san.ext").write_text("subjectAltName = IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.crt", "-days", "2", "-extfile", "san.ext")
+    pem = folder / "server.pem"
+    pem.write_bytes((folder / "server.crt").read_bytes() + (folder / "server.key").read_bytes())
+    return folder / "ca.crt", pem
+
+
+def test_stow_rs_verifies_tls_by_default_and_trusts_a_given_ca(tmp_path: Path) -> None:
+    """HTTPS (socat in front of Orthanc) with a certificate from a private CA: refused (permanent) with the
+    system's CAs, stored with ``ca_file``."""
+    ca, pem = _server_certificate(tmp_path / "certs")
+    pacs = Orthanc(tmp_path / "orthanc", dicomweb=True)
+    proxy = TlsProxy(pem, pacs.http_port)
+    try:
+        url = f"https://127.0.0.1:{proxy.port}/dicom-web"
+        files = outbound(sorted(series_dir("P03").iterdir())[:2])
+        cfg = parse_config({"destinations": [web_destination(url),
+                                             {**web_destination(url, ca_file=str(ca)), "name": "ca"}]})
+        untrusted = StowSender(cfg.destinations[0])
+        with pytest.raises(DeliveryError) as info:
+            untrusted.send(files)
+        untrusted.close()
+        assert not info.value.retryable and "TLS verification failed" in str(info.value)
+        trusted = StowSender(cfg.destinations[1])
+        results = trusted.send(files)
+        trusted.close()
+        assert [r.outcome for r in results] == [Outcome.STORED] * 2
+        assert len(pacs.get("/instances")) == 2
+    finally:
+        proxy.stop()
         pacs.stop()
 
 

@@ -189,3 +189,21 @@ def test_rtstruct_is_an_output_kind_of_the_config() -> None:
                                        "outputs": {"kinds": ["sc-planes", "rtstruct", "seg"]}}]})
     kinds = [k.value for k in cfg.pipeline("p").outputs.kinds]
     assert kinds == ["seg", "rtstruct", "sc-planes"]  # output order: after SEG and SR, before the pictures
+
+
+def test_an_outline_too_long_for_one_element_is_thinned_until_it_fits(p01: tuple[Volume, LabelVolume]) -> None:
+    """A comb whose one outline has thousands of corners: its ContourData must stay under the 64 KiB an explicit
+    VR DS element can hold, and still read back close to the mask."""
+    volume, _ = p01
+    plane = np.zeros(volume.shape[1:], bool)
+    plane[100:110, 20:490] = True
+    for column in range(20, 490, 2):  # teeth one pixel wide, one apart: about 1,900 corners
+        plane[110:400, column] = True
+    data = np.zeros(volume.shape, np.uint8)
+    data[20][plane] = 3
+    labels = LabelVolume(data, (AIRWAYS,), "comb", "1")
+    ((ds, encoded),) = build_encoded_outputs(volume, labels, kinds=("rtstruct",), **KW)  # type: ignore[arg-type]
+    (contour,) = ds.ROIContourSequence[0].ContourSequence
+    assert len("\\".join(str(v) for v in contour.ContourData)) <= 65534
+    back = rasterise(pydicom.dcmread(BytesIO(encoded)), volume)[1]
+    assert dice(back, data == 3) >= 0.9

@@ -53,6 +53,11 @@ def _session(dest: Destination) -> requests.Session:
     credentials' environment variable is missing: permanent, the operator must set it)."""
     session = requests.Session()
     session.verify = str(dest.ca_file) if dest.ca_file is not None else dest.verify_tls
+    if dest.ca_file is not None or not dest.verify_tls:
+        # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE override a session's verify setting: the
+        # configured one must win. Proxies from the environment still apply.
+        session.trust_env = False
+        session.proxies.update(requests.utils.get_environ_proxies(dest.url))
     session.headers["Accept"] = "application/dicom+json"
     try:
         secret = dest.auth.secret() if dest.auth.kind is not HttpAuthKind.NONE else ""
