@@ -100,8 +100,13 @@ def test_stow_rs_destination_down_is_retried_then_delivered(tmp_path: Path) -> N
         assert "not yet delivered" in job.error and "ConnectionError" in job.error
         pacs.start()
         wait_until(lambda: node.status()["counts"]["jobs"]["DONE"] == 1, 120, "delivery once Orthanc is back")
-        assert all(d.state is DeliveryState.STORED for d in store.deliveries(job.id))
+        delivered = store.deliveries(job.id)
+        assert all(d.state is DeliveryState.STORED for d in delivered)
         assert len(pacs.get("/instances")) == 28
+        for d in delivered[:3]:  # the bytes sent are the bytes received from the modality
+            (instance,) = pacs.request("POST", "/tools/find", {"Level": "Instance",
+                                                               "Query": {"SOPInstanceUID": d.sop_uid}})
+            assert pacs.get(f"/instances/{instance}/file") == Path(d.path).read_bytes()
     finally:
         node.stop()
         pacs.stop()
@@ -252,3 +257,28 @@ def test_folder_destination_in_a_real_node(tmp_path: Path) -> None:
             assert all(part.replace(".", "").replace("dcm", "").isdigit() for part in path.relative_to(out).parts)
     finally:
         node.stop()
+
+
+def _stow_item(sop_uid: str, **reason: int) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    item.ReferencedSOPInstanceUID = sop_uid
+    for keyword, value in reason.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def test_stow_rs_response_bodies_are_read_per_instance() -> None:
+    """The PS3.18 response of a 202: failure reasons classified like C-STORE statuses, warnings stored, and an
+    instance the server does not mention retried (a 200 that does not mention it means stored)."""
+    from dicomnode.outputs.dicomweb import _per_instance
+
+    files = [OutboundFile(f"/x/{i}", f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+             for i in range(4)]
+    body = pydicom.Dataset()
+    body.FailedSOPSequence = [_stow_item("1.2.3.0", FailureReason=0xA700), _stow_item("1.2.3.1", FailureReason=0xC000)]
+    body.ReferencedSOPSequence = [_stow_item("1.2.3.2", WarningReason=0xB000)]
+    results = _per_instance(files, body, 202)
+    assert [r.outcome for r in results] == [Outcome.RETRYABLE, Outcome.PERMANENT, Outcome.STORED, Outcome.RETRYABLE]
+    assert [r.status for r in results] == [0xA700, 0xC000, 0xB000, None]
+    assert [r.outcome for r in _per_instance(files, pydicom.Dataset(), 200)] == [Outcome.STORED] * 4

@@ -2,7 +2,9 @@
 
 Files go in batches (at most :data:`MAX_BATCH_FILES` files and about :data:`MAX_BATCH_BYTES` bytes per request)
 to ``<url>/studies``, over one HTTP session per job and destination, with ``Accept: application/dicom+json``.
-The library's own retrying is off: retries are the job's (backoff in the state store), like C-STORE's.
+The library's own retrying is off: retries are the job's (backoff in the state store), like C-STORE's. The
+library takes data sets: each file is read with pydicom and written back by the library, which for a file read
+unchanged gives back its very bytes (elements are written as read, invalid values included; tested).
 
 Statuses (PS3.18 Table 10.5.3-1 and 10.5.3-2), classified as the C-STORE ones are:
 
