@@ -64,7 +64,7 @@ def _forward_config(workdir: Path, scp: SlowSCP, **extra: Any) -> dict[str, Any]
 
 
 def test_cancel_during_delivery_stops_sending(tmp_path: Path) -> None:
-    scp = SlowSCP(delay=0.25)
+    scp = SlowSCP(delay=0.5)  # 28 objects take 14 s: the cancel lands well inside the delivery
     node = NodeProcess(tmp_path, _forward_config(tmp_path, scp)).start()
     store = Store(tmp_path / "data" / "dicomnode.sqlite3")
     try:
@@ -73,16 +73,15 @@ def test_cancel_during_delivery_stops_sending(tmp_path: Path) -> None:
         (job,) = store.list_jobs()
         out = node.cli("cancel", str(job.id))
         assert out.returncode == 0, out.stderr
-        cancelled_at = time.monotonic()
+        at_cancel = scp.count()
         assert "cancelled" in out.stdout
         # The worker notices before its next C-STORE and releases the association.
         assert scp.closed.wait(30), "the node kept the association open after the cancel"
         at_close = scp.count()
-        time.sleep(1.0)  # nothing may arrive any more: no retry, no new association
-        assert scp.count() == at_close
         assert at_close < 28, f"all {at_close} objects were delivered despite the cancel"
-        after = [t for t, _ in scp.received if t > cancelled_at + 0.3]  # one C-STORE may have been in flight
-        assert len(after) <= 1
+        assert at_close <= at_cancel + 1  # at most the C-STORE in flight when the job was cancelled
+        time.sleep(1.5)  # nothing may arrive any more: no retry, no new association
+        assert scp.count() == at_close
         final = store.get_job(job.id)
         assert final is not None and final.state is JobState.CANCELLED
         assert sum(d.state.value == "STORED" for d in store.deliveries(job.id)) == at_close
