@@ -19,6 +19,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 from dicomnode.config import parse_config
 from dicomnode.ops.service import pipeline_context
 from dicomnode.state import jobs
+from dicomnode.state.spool import Spool
 from dicomnode.state.store import InstanceMeta, JobState, Store
 from dicomnode.work.routing import make_router
 from dicomnode.work.worker import Worker
@@ -97,13 +98,7 @@ def test_a_lease_lost_to_another_worker_stops_sending(tmp_path: Path) -> None:
     cfg = parse_config(raw)
     store = Store(cfg.db_path)
     ctx = pipeline_context(cfg)
-    for path in sorted(series_dir("P03").iterdir()):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        written = ctx.spool.write("1.2.3", str(ds.SOPInstanceUID), path.read_bytes())
-        meta = InstanceMeta(sop_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID), series_uid="1.2.3",
-                            study_uid="1.2", transfer_syntax=str(ds.file_meta.TransferSyntaxUID), modality="CT",
-                            description="", calling_aet="CT1")
-        store.record_instance(meta, written.path, written.size, now=time.time() - 10, reprocess_late=True)
+    _receive_p03(ctx.store, ctx.spool)
     worker_a = Worker(ctx, make_router(cfg), index=1)
     taken: list[int] = []
 
@@ -128,3 +123,43 @@ def test_a_lease_lost_to_another_worker_stops_sending(tmp_path: Path) -> None:
     finally:
         scp.stop()
 
+
+
+def _receive_p03(store: Store, spool: Spool) -> None:
+    """P03's instances in the spool and the store as the receiver leaves them, quiet for 10 s."""
+    for path in sorted(series_dir("P03").iterdir()):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        written = spool.write(str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), path.read_bytes())
+        meta = InstanceMeta(sop_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                            series_uid=str(ds.SeriesInstanceUID), study_uid=str(ds.StudyInstanceUID),
+                            transfer_syntax=str(ds.file_meta.TransferSyntaxUID), modality="CT", description="",
+                            calling_aet="CT1")
+        store.record_instance(meta, written.path, written.size, now=time.time() - 10, reprocess_late=True)
+
+
+def test_a_job_cancelled_while_producing_records_and_sends_nothing(tmp_path: Path) -> None:
+    """Cancelled during its inference (body mask, RTSTRUCT of P03): the outputs are neither entered in the
+    delivery ledger nor sent; the job stays CANCELLED."""
+    results = tmp_path / "results"
+    cfg = parse_config({"storage": {"path": str(tmp_path / "data")}, "completion": {"quiet_seconds": 0},
+                        "destinations": [{"name": "results", "kind": "folder", "path": str(results)}],
+                        "pipelines": [{"name": "body", "kind": "segment", "destinations": ["results"],
+                                       "model": {"kind": "body"}, "outputs": {"kinds": ["rtstruct"]}}],
+                        "rules": [{"name": "all", "pipelines": ["body"]}]})
+    ctx = pipeline_context(cfg)
+    _receive_p03(ctx.store, ctx.spool)
+
+    def cancel_once_running() -> None:
+        wait_until(lambda: any(j.state is JobState.RUNNING for j in ctx.store.list_jobs()), 60, "the job to run")
+        (job,) = ctx.store.list_jobs()
+        jobs.cancel(ctx.store, job.id, now=time.time())
+
+    thread = threading.Thread(target=cancel_once_running)
+    thread.start()
+    result = Worker(ctx, make_router(cfg)).step()
+    thread.join(60)
+    assert result.job_state is JobState.CANCELLED
+    job = ctx.store.get_job(result.job_id)  # type: ignore[arg-type]
+    assert job is not None and job.state is JobState.CANCELLED and not job.outputs_ready
+    assert ctx.store.deliveries(job.id) == []
+    assert not results.exists() or not any(results.rglob("*.dcm"))
