@@ -207,3 +207,17 @@ def test_an_outline_too_long_for_one_element_is_thinned_until_it_fits(p01: tuple
     assert len("\\".join(str(v) for v in contour.ContourData)) <= 65534
     back = rasterise(pydicom.dcmread(BytesIO(encoded)), volume)[1]
     assert dice(back, data == 3) >= 0.9
+
+
+def test_a_body_outline_is_an_external_roi_that_passes_dciodvfy(tmp_path: Path) -> None:
+    from dicomnode.inference.segmenter import build_segmenter
+
+    volume = load_series_dir(series_dir("P03"))
+    labels = build_segmenter("body").segment(volume)
+    ((ds, encoded),) = build_encoded_outputs(volume, labels, kinds=("rtstruct",), **{**KW, "pipeline": "body"})
+    assert ds.RTROIObservationsSequence[0].RTROIInterpretedType == "EXTERNAL"  # the RT name of the body outline
+    path = tmp_path / "body.dcm"
+    path.write_bytes(encoded)
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120, check=False)
+    assert [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")] == []
+    assert dice(rasterise(pydicom.dcmread(BytesIO(encoded)), volume)[1], labels.mask(1)) >= 0.98
