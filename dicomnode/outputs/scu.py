@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicomnode.config import Destination
+from dicomnode.config import Destination, DestinationKind
 from dicomnode.errors import DeliveryError
 from dicomnode.outputs.delivery import STORED_WARNINGS, OnResult, Outcome, Proceed, StoreResult, always, classify_status
 from dicomnode.state.jobs import OutboundFile
@@ -98,6 +98,9 @@ def _application_entity(settings: ScuSettings, contexts: Sequence[tuple[str, str
 def _associate(dest: Destination, settings: ScuSettings,
                contexts: Sequence[tuple[str, str | Sequence[str]]]) -> Any:
     """An established association with ``dest``; DeliveryError (retryable or not, as classified) if none."""
+    if dest.kind is not DestinationKind.DICOM:
+        raise DeliveryError(f"{dest.where()} is a {dest.kind.value} destination, not a DICOM (C-STORE/C-ECHO) peer",
+                            retryable=False)
     ae = _application_entity(settings, contexts)
     responses: list[Any] = []
     handlers: list[Any] = [(evt.EVT_CONN_OPEN, _nodelay),
