@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import re
 import types
 import typing
@@ -120,15 +121,78 @@ class WorkerConfig:
     device: DevicePreference = DevicePreference.AUTO
 
 
+class DestinationKind(str, enum.Enum):
+    """How a destination receives objects (``destinations[].kind``)."""
+
+    DICOM = "dicom"  # C-STORE to a DICOM peer (ae_title, host, port, tls)
+    DICOMWEB = "dicomweb"  # STOW-RS to a DICOMweb service (url, auth, verify_tls, ca_file, timeout_seconds)
+    FOLDER = "folder"  # durable files under path, one folder per series named by its UID
+
+
+class HttpAuthKind(str, enum.Enum):
+    NONE = "none"
+    BASIC = "basic"  # username and a password (or password_env)
+    BEARER = "bearer"  # a token (or token_env), sent as "Authorization: Bearer <token>"
+
+
+@dataclass(frozen=True)
+class HttpAuth:
+    """Credentials of a ``dicomweb`` destination. Prefer ``password_env`` / ``token_env`` (the name of an
+    environment variable read when the node sends) over secrets written into the configuration file."""
+
+    kind: HttpAuthKind = HttpAuthKind.NONE
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    password_env: str | None = None
+    token: str | None = field(default=None, repr=False)
+    token_env: str | None = None
+
+    def secret(self) -> str:
+        """The password (basic) or token (bearer), from the config or its environment variable.
+
+        Raises ConfigError when the named environment variable is not set (or empty)."""
+        value, env = ((self.password, self.password_env) if self.kind is HttpAuthKind.BASIC
+                      else (self.token, self.token_env))
+        if env is not None:
+            value = os.environ.get(env)
+            if not value:
+                raise ConfigError(f"environment variable {env} (credentials of a dicomweb destination) is not set")
+        return value or ""
+
+
+# Keys each destination kind uses besides name and kind (the others must keep their defaults).
+_DESTINATION_KEYS = {
+    "dicom": ("ae_title", "host", "port", "tls"),
+    "dicomweb": ("url", "auth", "verify_tls", "ca_file", "timeout_seconds"),
+    "folder": ("path",),
+}
+
+
 @dataclass(frozen=True)
 class Destination:
-    """A C-STORE peer the node sends to."""
+    """Where a pipeline's objects go: a C-STORE peer (``kind: dicom``, the default), a DICOMweb STOW-RS service
+    (``kind: dicomweb``) or a folder (``kind: folder``). Only the keys of its kind may be set."""
 
     name: str
-    ae_title: str
-    host: str
-    port: int
-    tls: bool = False
+    kind: DestinationKind = DestinationKind.DICOM
+    ae_title: str = ""  # dicom: the peer's AE title, host and port (required)
+    host: str = ""
+    port: int = 0
+    tls: bool = False  # dicom: DICOM TLS with node.tls's certificates
+    url: str = ""  # dicomweb: the service root (http[s]://host:port/prefix); STOW-RS posts to <url>/studies
+    auth: HttpAuth = field(default_factory=HttpAuth)
+    verify_tls: bool = True  # dicomweb: verify the server's certificate (https); false only for tests
+    ca_file: Path | None = None  # dicomweb: CA bundle (PEM) to verify it with, instead of the system's
+    timeout_seconds: float = 60.0  # dicomweb: connect and read timeout of each request
+    path: Path | None = None  # folder: where the series folders are made
+
+    def where(self) -> str:
+        """Where this destination delivers, for messages (no credentials)."""
+        if self.kind is DestinationKind.DICOMWEB:
+            return f"{self.name} ({self.url})"
+        if self.kind is DestinationKind.FOLDER:
+            return f"{self.name} ({self.path})"
+        return f"{self.name} ({self.ae_title}@{self.host}:{self.port})"
 
 
 class SegmenterKind(str, enum.Enum):
@@ -154,6 +218,7 @@ class OutputKind(str, enum.Enum):
 
     SEG = "seg"
     SR = "sr"
+    RTSTRUCT = "rtstruct"
     SC_OVERLAY = "sc-overlay"
     SC_PLANES = "sc-planes"
     SC_SURFACE = "sc-surface"
@@ -212,7 +277,9 @@ class VolumeConfig:
 
 @dataclass(frozen=True)
 class OutputsConfig:
-    """Which derived objects a ``segment`` pipeline makes. Series numbers: base + 0 SEG, 1 SR, 2-4 SC."""
+    """Which derived objects a ``segment`` pipeline makes.
+
+    Series numbers: base + 0 SEG, 1 SR, 2-4 SC (overlays, three planes, 3D surface), 5 RTSTRUCT."""
 
     kinds: tuple[OutputKind, ...] = output_kinds(("seg", "sr", "sc"))
     series_number_base: int = 9000
@@ -436,10 +503,7 @@ def _validate(cfg: Config) -> None:
         if dest.name in names:
             raise ConfigError(f"{where}.name: duplicate destination name {dest.name!r}")
         names.add(dest.name)
-        check_ae_title(dest.ae_title, f"{where}.ae_title")
-        _check_port(dest.port, f"{where}.port")
-        if dest.tls and not node.tls.enabled:
-            raise ConfigError(f"{where}.tls: needs node.tls (certificates) to be configured")
+        _validate_destination(dest, where, node)
     pipe_names: set[str] = set()
     for i, pipe in enumerate(cfg.pipelines):
         if pipe.name in pipe_names:
@@ -464,6 +528,49 @@ def _validate(cfg: Config) -> None:
     for dest_name in cfg.unmatched_destinations:
         if dest_name not in names:
             raise ConfigError(f"unmatched_destinations: unknown destination {dest_name!r}")
+
+
+def _validate_destination(dest: Destination, where: str, node: NodeConfig) -> None:
+    default = Destination(name=dest.name)
+    used = _DESTINATION_KEYS[dest.kind.value]
+    for key in (k for keys in _DESTINATION_KEYS.values() for k in keys if k not in used):
+        if getattr(dest, key) != getattr(default, key):
+            raise ConfigError(f"{where}.{key}: not used by a {dest.kind.value!r} destination")
+    if dest.kind is DestinationKind.DICOM:
+        for key in ("ae_title", "host", "port"):
+            if not getattr(dest, key):
+                raise ConfigError(f"{where}.{key}: required key for a 'dicom' destination")
+        check_ae_title(dest.ae_title, f"{where}.ae_title")
+        _check_port(dest.port, f"{where}.port")
+        if dest.tls and not node.tls.enabled:
+            raise ConfigError(f"{where}.tls: needs node.tls (certificates) to be configured")
+    elif dest.kind is DestinationKind.DICOMWEB:
+        _validate_dicomweb(dest, where)
+    elif dest.path is None:
+        raise ConfigError(f"{where}.path: required key for a 'folder' destination")
+    elif dest.path.exists() and not dest.path.is_dir():
+        raise ConfigError(f"{where}.path: {dest.path} exists and is not a directory")
+
+
+def _validate_dicomweb(dest: Destination, where: str) -> None:
+    if not re.fullmatch(r"https?://[^/\s:]+(:[0-9]{1,5})?(/\S*)?", dest.url):
+        raise ConfigError(f"{where}.url: expected http(s)://host[:port][/prefix], got {dest.url!r}")
+    if dest.timeout_seconds <= 0:
+        raise ConfigError(f"{where}.timeout_seconds: must be positive")
+    if dest.ca_file is not None and not dest.ca_file.is_file():
+        raise ConfigError(f"{where}.ca_file: {dest.ca_file} does not exist")
+    auth, at = dest.auth, f"{where}.auth"
+    given = {k for k in ("username", "password", "password_env", "token", "token_env") if getattr(auth, k)}
+    wanted = {HttpAuthKind.NONE: set(), HttpAuthKind.BASIC: {"username", "password", "password_env"},
+              HttpAuthKind.BEARER: {"token", "token_env"}}[auth.kind]
+    if given - wanted:
+        raise ConfigError(f"{at}.{sorted(given - wanted)[0]}: not used by auth kind {auth.kind.value!r}")
+    secrets = given - {"username"}
+    if auth.kind is not HttpAuthKind.NONE and len(secrets) != 1:
+        names = "password or password_env" if auth.kind is HttpAuthKind.BASIC else "token or token_env"
+        raise ConfigError(f"{at}: auth kind {auth.kind.value!r} needs exactly one of {names}")
+    if auth.kind is HttpAuthKind.BASIC and not auth.username:
+        raise ConfigError(f"{at}.username: required for basic auth")
 
 
 def _validate_segment(pipe: PipelineConfig, where: str) -> None:
@@ -499,10 +606,17 @@ def load_config(path: Path | None) -> Config:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-    cfg = parse_config(raw)
+    cfg = _folder_paths_relative_to(parse_config(raw), Path(path).parent)
     if not cfg.storage.path.is_absolute():
         # Relative storage paths are relative to the config file, not to wherever the node was started.
         cfg = dataclasses.replace(
             cfg, storage=dataclasses.replace(cfg.storage, path=(Path(path).parent / cfg.storage.path).resolve())
         )
     return cfg
+
+
+def _folder_paths_relative_to(cfg: Config, base: Path) -> Config:
+    """``cfg`` with relative ``folder`` destination paths made relative to ``base`` (the config file's folder)."""
+    dests = tuple(dataclasses.replace(d, path=(base / d.path).resolve())
+                  if d.path is not None and not d.path.is_absolute() else d for d in cfg.destinations)
+    return dataclasses.replace(cfg, destinations=dests)

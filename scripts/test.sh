@@ -5,14 +5,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
 
-# Real peers and validators the tests talk to (Debian packages): Orthanc as the PACS, DCMTK as the
-# modality, dicom3tools' dciodvfy and dcm2niix as validators, openssl for the TLS certificates.
+# Real peers and validators the tests talk to (Debian packages): Orthanc as the PACS (with its DICOMweb
+# plugin for STOW-RS), DCMTK as the modality, dicom3tools' dciodvfy, dcm2niix and plastimatch (reads RT
+# Structure Sets back) as validators, openssl for the TLS certificates, socat for HTTPS in front of Orthanc.
 missing=()
 command -v Orthanc >/dev/null || missing+=(orthanc)
 [ -x /usr/bin/storescu ] || missing+=(dcmtk)
 command -v dciodvfy >/dev/null || missing+=(dicom3tools)
 command -v dcm2niix >/dev/null || missing+=(dcm2niix)
 command -v openssl >/dev/null || missing+=(openssl)
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
+command -v plastimatch >/dev/null || missing+=(plastimatch)
+command -v socat >/dev/null || missing+=(socat)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 # Python (the virtualenv comes from scripts/venv.sh): the CPU build of torch first (an unpinned torch pulls

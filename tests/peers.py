@@ -7,6 +7,7 @@ same names (storescu, echoscu, storescp) that may come first on PATH.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import yaml
 
 DCMTK_BIN = Path("/usr/bin")
 PEER_ENV = {**os.environ, "TCP_NODELAY": "1"}
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 def dcmtk(tool: str) -> str:
@@ -172,7 +174,9 @@ class Orthanc:
     """A private Orthanc (Debian package) with its own storage, DICOM and HTTP ports on loopback."""
 
     def __init__(self, workdir: Path, *, aet: str = "ORTHANC", modalities: dict[str, list[Any]] | None = None,
-                 dicom_port: int | None = None) -> None:
+                 dicom_port: int | None = None, dicomweb: bool = False, users: dict[str, str] | None = None) -> None:
+        """``dicomweb``: load the DICOMweb plugin (Debian package orthanc-dicomweb), STOW-RS at
+        :attr:`dicomweb_url` ``/studies``; ``users``: HTTP basic authentication on, with these users."""
         if shutil.which("Orthanc") is None:
             raise FileNotFoundError("Orthanc not installed (the test command installs the orthanc package)")
         self.workdir = workdir
@@ -188,6 +192,16 @@ class Orthanc:
             "DicomModalities": modalities or {}, "DicomScuTimeout": 30, "HttpTimeout": 60,
             "StableAge": 1,
         }
+        if dicomweb:
+            if not Path(DICOMWEB_PLUGIN).is_file():
+                raise FileNotFoundError(f"{DICOMWEB_PLUGIN} missing (the test command installs orthanc-dicomweb)")
+            self.config["Plugins"] = [str(Path(DICOMWEB_PLUGIN).parent)]
+            self.config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        self.auth: tuple[str, str] | None = None
+        if users:
+            self.config["AuthenticationEnabled"] = True
+            self.config["RegisteredUsers"] = users
+            self.auth = next(iter(users.items()))
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -217,10 +231,18 @@ class Orthanc:
     def request(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> Any:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        if self.auth is not None:
+            token = base64.b64encode(":".join(self.auth).encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(req, timeout=120) as rsp:
             payload = rsp.read()
         ctype = rsp.headers.get("Content-Type", "")
         return json.loads(payload) if "json" in ctype else payload
+
+    @property
+    def dicomweb_url(self) -> str:
+        """Root of the DICOMweb services (STOW-RS at ``/studies`` below it)."""
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
@@ -235,3 +257,22 @@ class Orthanc:
     def series_with_uid(self, series_uid: str) -> list[str]:
         found = self.request("POST", "/tools/find", {"Level": "Series", "Query": {"SeriesInstanceUID": series_uid}})
         return list(found)
+
+
+class TlsProxy:
+    """socat terminating TLS on a free loopback port (``pem``: certificate and key) and forwarding each
+    connection to ``target_port`` in the clear: HTTPS in front of a peer that only speaks HTTP.
+    (Debian's Orthanc 1.10.1 crashes on its own HTTPS: a segmentation fault at the first handshake.)"""
+
+    def __init__(self, pem: Path, target_port: int) -> None:
+        if shutil.which("socat") is None:
+            raise FileNotFoundError("socat not installed (the test command installs it)")
+        self.port = free_port()
+        listen = f"OPENSSL-LISTEN:{self.port},bind=127.0.0.1,reuseaddr,fork,cert={pem},verify=0"
+        self.proc = subprocess.Popen(["socat", listen, f"TCP:127.0.0.1:{target_port}"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: port_open(self.port), 20, "socat TLS proxy to listen")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)

@@ -24,7 +24,8 @@ def test_example_config_loads_and_documents_every_key() -> None:
     assert {p.name for p in cfg.pipelines} >= {"lung-ct", "lung-ct-unet"}
     text = example.read_text()
     for key in ("ae_title", "allowed_calling_aets", "quiet_seconds", "on_late_instance", "min_free_mb",
-                "lease_seconds", "max_attempts", "destinations", "pipelines", "rules", "unmatched"):
+                "lease_seconds", "max_attempts", "destinations", "pipelines", "rules", "unmatched",
+                "url", "auth", "password_env", "token_env", "verify_tls", "ca_file", "timeout_seconds", "path"):
         assert f"{key}:" in text
 
 
@@ -37,6 +38,21 @@ def test_example_config_loads_and_documents_every_key() -> None:
     ({"node": {"port": "eleven"}}, "expected an integer"),
     ({"completion": {"on_late_instance": "maybe"}}, "is not one of 'reprocess', 'ignore'"),
     ({"destinations": [{"name": "a", "ae_title": "A", "host": "h"}]}, "destinations[0].port: required key"),
+    ({"destinations": [{"name": "a", "kind": "ftp"}]}, "'ftp' is not one of 'dicom', 'dicomweb', 'folder'"),
+    ({"destinations": [{"name": "a", "kind": "folder"}]}, "destinations[0].path: required key"),
+    ({"destinations": [{"name": "a", "kind": "folder", "path": "/x", "port": 104}]},
+     "destinations[0].port: not used by a 'folder' destination"),
+    ({"destinations": [{"name": "a", "kind": "dicomweb", "url": "pacs.example.org/dicom-web"}]},
+     "destinations[0].url: expected http(s)://host[:port][/prefix]"),
+    ({"destinations": [{"name": "a", "kind": "dicomweb", "url": "https://pacs", "auth": {"kind": "basic",
+                                                                                       "password_env": "P"}}]},
+     "destinations[0].auth.username: required for basic auth"),
+    ({"destinations": [{"name": "a", "kind": "dicomweb", "url": "https://pacs",
+                        "auth": {"kind": "bearer", "token": "t", "token_env": "T"}}]},
+     "auth kind 'bearer' needs exactly one of token or token_env"),
+    ({"destinations": [{"name": "a", "kind": "dicomweb", "url": "https://pacs",
+                        "auth": {"kind": "bearer", "username": "u", "token_env": "T"}}]},
+     "destinations[0].auth.username: not used by auth kind 'bearer'"),
     ({"pipelines": [{"name": "p", "destinations": ["nowhere"]}]}, "unknown destination 'nowhere'"),
     ({"rules": [{"name": "r", "pipelines": ["nope"]}]}, "unknown pipeline 'nope'"),
     ({"pipelines": [{"name": "p"}], "rules": [{"name": "r", "pipelines": ["p"],
@@ -61,3 +77,14 @@ def test_bad_yaml_is_a_config_error(tmp_path: Path) -> None:
     cfg_file.write_text("node: [unclosed\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(cfg_file)
+
+
+def test_destination_secrets_stay_out_of_reprs_and_folder_paths_follow_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "node.yaml"
+    config.write_text("destinations:\n"
+                      "  - {name: web, kind: dicomweb, url: 'https://pacs/dicom-web',\n"
+                      "     auth: {kind: basic, username: node, password: hunter2-secret}}\n"
+                      "  - {name: results, kind: folder, path: results}\n")
+    cfg = load_config(config)
+    assert "hunter2-secret" not in repr(cfg) and cfg.destinations[0].auth.secret() == "hunter2-secret"
+    assert cfg.destination("results").path == (tmp_path / "results").resolve()

@@ -50,7 +50,7 @@ def test_config_parses_kinds_into_the_enums() -> None:
 
 @pytest.mark.parametrize(("section", "message"), [
     ({"model": {"kind": "nope"}}, "model.kind: 'nope' is not one of 'lung', 'body', 'brain', 'lung-unet'"),
-    ({"outputs": {"kinds": ["seg", "movie"]}}, "outputs.kinds: 'movie' is not one of seg, sr, sc-overlay"),
+    ({"outputs": {"kinds": ["seg", "movie"]}}, "outputs.kinds: 'movie' is not one of seg, sr, rtstruct, sc-overlay"),
 ])
 def test_unknown_kinds_are_config_errors_listing_the_enum(section: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -1,4 +1,4 @@
-"""Derived objects for the PACS: DICOM SEG, Secondary Capture pictures and a TID 1500 SR.
+"""Derived objects for the PACS: DICOM SEG, a TID 1500 SR, an RT Structure Set and Secondary Capture pictures.
 
 The integrator calls :func:`build_outputs` once per job. Everything it returns
 
@@ -10,7 +10,7 @@ The integrator calls :func:`build_outputs` once per job. Everything it returns
 - has passed :func:`dicomnode.outputs.validate.check_output` (strict round trip, highdicom read-back).
 
 Series numbers: ``series_number_base + offset`` with offsets SEG 0, SR 1, SC overlay 2, SC three-plane 3,
-SC 3D surface 4.
+SC 3D surface 4, RTSTRUCT 5.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dicomnode.imaging.labels import LabelVolume
 from dicomnode.imaging.volume import Volume
 from dicomnode.outputs.measure import measure_labels
 from dicomnode.outputs.provenance import Provenance
+from dicomnode.outputs.rtstruct import make_rtstruct
 from dicomnode.outputs.sc import make_overlays, make_summaries
 from dicomnode.outputs.seg import make_seg
 from dicomnode.outputs.sr import make_sr
@@ -74,8 +75,8 @@ def build_encoded_outputs(volume: Volume, labels: LabelVolume, *, pipeline: str,
 
     The bytes are exactly what :func:`check_output` read back and verified: write those, not a new encoding.
 
-    Order: SEG, SR, overlay SCs (increasing slice), three-plane SC, 3D surface SC (only the kinds asked
-    for). ``overlay_every``: picture every n-th slice that contains a label, at most ``overlay_max`` of them.
+    Order: SEG, SR, RTSTRUCT, overlay SCs (increasing slice), three-plane SC, 3D surface SC (only the kinds
+    asked for). ``overlay_every``: picture every n-th slice that contains a label, at most ``overlay_max`` of them.
     ``series_description`` defaults to the pipeline name; each kind appends its own suffix.
     ``algorithm_family`` is a CID 7162 keyword (e.g. "ArtificialIntelligence", "MorphologicalOperations").
     Raises PipelineError when an object cannot be built or fails its read-back check.
@@ -90,7 +91,8 @@ def build_encoded_outputs(volume: Volume, labels: LabelVolume, *, pipeline: str,
                     series_number_base)
     description = series_description or pipeline
     # counts, profiles and value sums of every label, measured once for the SR and all pictures
-    needs_measures = any(k != OutputKind.SEG for k in wanted) and labels.data.shape == volume.shape
+    needs_measures = (any(k not in (OutputKind.SEG, OutputKind.RTSTRUCT) for k in wanted)
+                      and labels.data.shape == volume.shape)
     measures = measure_labels(volume, labels) if needs_measures else None
     outputs: list[Dataset] = []
     seg = None
@@ -100,6 +102,9 @@ def build_encoded_outputs(volume: Volume, labels: LabelVolume, *, pipeline: str,
     if OutputKind.SR in wanted and seg is not None:
         outputs.append(make_sr(volume, labels, seg, ids=ids, prov=prov,
                                series_description=f"{description} measurements", measures=measures))
+    if OutputKind.RTSTRUCT in wanted:
+        outputs.append(make_rtstruct(volume, labels, ids=ids, prov=prov,
+                                     series_description=f"{description} RTSTRUCT"))
     if OutputKind.SC_OVERLAY in wanted:
         outputs.extend(make_overlays(volume, labels, ids=ids, prov=prov, series_description=description,
                                      every=overlay_every, max_count=overlay_max, measures=measures))

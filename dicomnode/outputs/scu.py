@@ -18,11 +18,10 @@ several associations beyond 128 pairs, the protocol's limit). Sockets get TCP_NO
 
 from __future__ import annotations
 
-import enum
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,29 +29,18 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicomnode.config import Destination
+from dicomnode.config import Destination, DestinationKind
 from dicomnode.errors import DeliveryError
+from dicomnode.outputs.delivery import STORED_WARNINGS, OnResult, Outcome, Proceed, StoreResult, always, classify_status
 from dicomnode.state.jobs import OutboundFile
 from dicomnode.telemetry import metrics
+
+__all__ = ["STORED_WARNINGS", "Outcome", "ScuSender", "ScuSettings", "StoreResult", "classify", "client_ssl_context",
+           "echo", "send_files"]
 
 log = logging.getLogger(__name__)
 
 MAX_CONTEXTS = 128
-STORED_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})
-
-
-class Outcome(str, enum.Enum):
-    STORED = "stored"
-    RETRYABLE = "retryable"
-    PERMANENT = "permanent"
-
-
-@dataclass(frozen=True)
-class StoreResult:
-    file: OutboundFile
-    outcome: Outcome
-    status: int | None
-    detail: str
 
 
 def classify(rsp: Dataset) -> tuple[Outcome, int | None, str]:
@@ -60,14 +48,8 @@ def classify(rsp: Dataset) -> tuple[Outcome, int | None, str]:
     if "Status" not in rsp:
         return Outcome.RETRYABLE, None, "no response (timeout, abort or connection lost)"
     status = int(rsp.Status)
-    comment = f" ({rsp.ErrorComment})" if "ErrorComment" in rsp else ""
-    if status == 0x0000:
-        return Outcome.STORED, status, "success"
-    if status in STORED_WARNINGS:
-        return Outcome.STORED, status, f"stored with warning 0x{status:04X}{comment}"
-    if 0xA700 <= status <= 0xA7FF or status == 0x0110:
-        return Outcome.RETRYABLE, status, f"0x{status:04X} out of resources or processing failure{comment}"
-    return Outcome.PERMANENT, status, f"refused with 0x{status:04X}{comment}"
+    outcome, detail = classify_status(status, str(rsp.ErrorComment) if "ErrorComment" in rsp else "")
+    return outcome, status, detail
 
 
 def _nodelay(event: evt.Event) -> None:
@@ -116,6 +98,9 @@ def _application_entity(settings: ScuSettings, contexts: Sequence[tuple[str, str
 def _associate(dest: Destination, settings: ScuSettings,
                contexts: Sequence[tuple[str, str | Sequence[str]]]) -> Any:
     """An established association with ``dest``; DeliveryError (retryable or not, as classified) if none."""
+    if dest.kind is not DestinationKind.DICOM:
+        raise DeliveryError(f"{dest.where()} is a {dest.kind.value} destination, not a DICOM (C-STORE/C-ECHO) peer",
+                            retryable=False)
     ae = _application_entity(settings, contexts)
     responses: list[Any] = []
     handlers: list[Any] = [(evt.EVT_CONN_OPEN, _nodelay),
@@ -135,49 +120,77 @@ def _associate(dest: Destination, settings: ScuSettings,
 
 
 def send_files(dest: Destination, files: Sequence[OutboundFile], settings: ScuSettings,
-               on_result: Callable[[StoreResult], None] | None = None) -> list[StoreResult]:
+               on_result: OnResult | None = None, proceed: Proceed = always) -> list[StoreResult]:
     """C-STORE ``files`` to ``dest``; return one result per file sent.
 
-    Raises :class:`DeliveryError` when an association cannot be set up (retryable or not, as classified) or
-    is lost mid-way (retryable); results of files already answered are reported through ``on_result`` first.
+    ``proceed`` is asked before each C-STORE; when it says False the association is released and the files not
+    yet sent get no result. Raises :class:`DeliveryError` when an association cannot be set up (retryable or
+    not, as classified) or is lost mid-way (retryable); results of files already answered are reported through
+    ``on_result`` first.
     """
     # Each data set streams from its file as stored (pynetdicom's STORE_SEND_CHUNKED_DATASET, set once per
     # process by dicomnode.ops.runtime): the bytes sent are the bytes kept.
     with metrics.stage_timer("send"):
-        return _send_chunks(dest, files, settings, on_result)
+        return _send_chunks(dest, files, settings, on_result, proceed)
 
 
 def _send_chunks(dest: Destination, files: Sequence[OutboundFile], settings: ScuSettings,
-                 on_result: Callable[[StoreResult], None] | None) -> list[StoreResult]:
+                 on_result: OnResult | None, proceed: Proceed) -> list[StoreResult]:
     results: list[StoreResult] = []
     for contexts, members in _context_chunks(files):
+        if not proceed():
+            break
         try:
             assoc = _associate(dest, settings, contexts)
         except DeliveryError as exc:
             metrics.send_outcome(Outcome.RETRYABLE.value if exc.retryable else Outcome.PERMANENT.value)
             raise
         try:
-            accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-                        for cx in assoc.accepted_contexts}
-            for f in members:
-                if (f.sop_class_uid, f.transfer_syntax) not in accepted:
-                    result = StoreResult(f, Outcome.PERMANENT, None,
-                                         f"{dest.name} does not accept SOP class {f.sop_class_uid} "
-                                         f"in transfer syntax {f.transfer_syntax}")
-                else:
-                    outcome, status, detail = classify(assoc.send_c_store(f.path))
-                    result = StoreResult(f, outcome, status, detail)
-                results.append(result)
-                metrics.send_outcome(result.outcome.value)
-                if on_result is not None:
-                    on_result(result)
-                if not assoc.is_established:
-                    raise DeliveryError(f"association with {dest.name} lost after {len(results)} object(s)",
-                                        retryable=True)
+            if not _send_members(assoc, dest, members, results, on_result, proceed):
+                break
         finally:
             if assoc.is_established:
                 assoc.release()
     return results
+
+
+def _send_members(assoc: Any, dest: Destination, members: Sequence[OutboundFile], results: list[StoreResult],
+                  on_result: OnResult | None, proceed: Proceed) -> bool:
+    """C-STORE ``members`` over ``assoc``, appending to ``results``; False when ``proceed`` said stop."""
+    accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+    for f in members:
+        if not proceed():
+            return False
+        if (f.sop_class_uid, f.transfer_syntax) not in accepted:
+            result = StoreResult(f, Outcome.PERMANENT, None,
+                                 f"{dest.name} does not accept SOP class {f.sop_class_uid} "
+                                 f"in transfer syntax {f.transfer_syntax}")
+        else:
+            outcome, status, detail = classify(assoc.send_c_store(f.path))
+            result = StoreResult(f, outcome, status, detail)
+        results.append(result)
+        metrics.send_outcome(result.outcome.value)
+        if on_result is not None:
+            on_result(result)
+        if not assoc.is_established:
+            raise DeliveryError(f"association with {dest.name} lost after {len(results)} object(s)",
+                                retryable=True)
+    return True
+
+
+class ScuSender:
+    """The :class:`~dicomnode.outputs.delivery.Sender` of a ``dicom`` destination: :func:`send_files`."""
+
+    def __init__(self, dest: Destination, settings: ScuSettings) -> None:
+        self.dest = dest
+        self.settings = settings
+
+    def send(self, files: Sequence[OutboundFile], *, on_result: OnResult | None = None,
+             proceed: Proceed = always) -> list[StoreResult]:
+        return send_files(self.dest, files, self.settings, on_result=on_result, proceed=proceed)
+
+    def close(self) -> None:
+        """Nothing to release: each send opens and releases its own associations."""
 
 
 def echo(dest: Destination, settings: ScuSettings) -> int:

@@ -38,13 +38,15 @@ def derive_uid(*parts: str) -> str:
     return UID_ROOT + str(uuid.uuid5(DICOMNODE_NAMESPACE, name).int)
 
 
-#: Added to the pipeline's series number base: each kind of derived object is its own series.
+#: Added to the pipeline's series number base: each kind of derived object is its own series. The offsets of
+#: kinds that existed first never change (RTSTRUCT came later, so it is 5 although it is made after the SR).
 SERIES_NUMBER_OFFSETS = {
     OutputKind.SEG: 0,
     OutputKind.SR: 1,
     OutputKind.SC_OVERLAY: 2,
     OutputKind.SC_PLANES: 3,
     OutputKind.SC_SURFACE: 4,
+    OutputKind.RTSTRUCT: 5,
 }
 
 

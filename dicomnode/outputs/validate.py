@@ -9,7 +9,10 @@ included; the error names the attribute, never its value) and checks:
 - SEG: highdicom reads it back (``Segmentation.from_dataset``), segment numbers are 1..N and every
   segment has at least one frame;
 - SR: highdicom reads it back (``hd.sr.srread``) and the content root is a TID 1500 container;
-- SC: the pixel data decode to (Rows, Columns, 3) and BurnedInAnnotation is YES.
+- SC: the pixel data decode to (Rows, Columns, 3) and BurnedInAnnotation is YES;
+- RTSTRUCT: ROI numbers unique, each ROI with contours and an observation, on a Frame of Reference the
+  structure set references; every contour CLOSED_PLANAR with NumberOfContourPoints points (at least 3) that
+  lie on one plane, and every image a contour references listed among the referenced series' images.
 
 Any failure raises :class:`~dicomnode.errors.PipelineError` naming the object (class, SOP Instance UID)
 and the problem; on success the checked Part 10 bytes are returned (what a caller may write or send as is).
@@ -35,6 +38,8 @@ from dicomnode.errors import PipelineError
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 SR_3D_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
+RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+_PLANE_TOLERANCE_MM = 0.01
 _REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
              "SeriesNumber", "InstanceNumber")
 
@@ -197,6 +202,44 @@ def _check_sc(ds: Dataset) -> None:
         raise PipelineError(f"{_name(ds)}: SC pixels are {pixels.shape} {pixels.dtype}, not RGB uint8")
 
 
+def _check_rtstruct(ds: Dataset) -> None:
+    try:
+        frames = {str(f.FrameOfReferenceUID): f for f in ds.ReferencedFrameOfReferenceSequence}
+        images = {str(i.ReferencedSOPInstanceUID) for f in frames.values() for st in f.RTReferencedStudySequence
+                  for se in st.RTReferencedSeriesSequence for i in se.ContourImageSequence}
+        rois = [int(r.ROINumber) for r in ds.StructureSetROISequence]
+        roi_frames = {str(r.ReferencedFrameOfReferenceUID) for r in ds.StructureSetROISequence}
+        observed = {int(o.ReferencedROINumber) for o in ds.RTROIObservationsSequence}
+        contoured = {int(c.ReferencedROINumber): list(c.get("ContourSequence", [])) for c in ds.ROIContourSequence}
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise PipelineError(f"{_name(ds)}: RT Structure Set cannot be read back: {exc}") from exc
+    if not rois or len(set(rois)) != len(rois):
+        raise PipelineError(f"{_name(ds)}: ROI numbers {rois} are missing or not unique")
+    if roi_frames - set(frames):
+        raise PipelineError(f"{_name(ds)}: ROIs lie on a Frame of Reference the structure set does not reference")
+    for number in rois:
+        if number not in observed or not contoured.get(number):
+            raise PipelineError(f"{_name(ds)}: ROI {number} has no contours or no observation")
+        for contour in contoured[number]:
+            _check_contour(ds, number, contour, images)
+
+
+def _check_contour(ds: Dataset, number: int, contour: Dataset, images: set[str]) -> None:
+    where = f"{_name(ds)}: ROI {number} contour {contour.get('ContourNumber', '?')}"
+    points = np.asarray([float(v) for v in contour.ContourData], dtype=np.float64)
+    n = int(contour.NumberOfContourPoints)
+    if contour.ContourGeometricType != "CLOSED_PLANAR" or n < 3 or points.size != 3 * n:
+        raise PipelineError(f"{where}: not a CLOSED_PLANAR contour of NumberOfContourPoints (>= 3) points")
+    xyz = points.reshape(n, 3)
+    xyz = xyz - xyz.mean(axis=0)
+    normal = np.linalg.svd(xyz, full_matrices=False)[2][-1]  # of the best-fitting plane
+    if np.abs(xyz @ normal).max() > _PLANE_TOLERANCE_MM:
+        raise PipelineError(f"{where}: its points do not lie on one plane")
+    refs = {str(i.ReferencedSOPInstanceUID) for i in contour.get("ContourImageSequence", [])}
+    if refs - images:
+        raise PipelineError(f"{where}: references an image the referenced series does not list")
+
+
 def check_output(ds: Dataset) -> bytes:
     """The Part 10 bytes of ``ds``; PipelineError unless they read back strictly and pass the checks (module doc).
 
@@ -212,4 +255,6 @@ def check_output(ds: Dataset) -> bytes:
         _check_sr(back)
     elif sop_class == SecondaryCaptureImageStorage:
         _check_sc(back)
+    elif sop_class == RTSTRUCT_CLASS:
+        _check_rtstruct(back)
     return encoded

@@ -3,6 +3,12 @@
 ``run_job`` is what a worker calls for a claimed job. It raises a :class:`~dicomnode.errors.DicomNodeError`
 whose ``retryable`` flag tells the worker whether to try again later; returning normally means DONE.
 
+A job is worked on only while its worker owns it: ``owned`` (the worker's check that the job is still RUNNING
+under its own lease) is asked before producing, before recording the outputs, before each destination and
+before each object (or STOW-RS batch) sent. Once it says no (an operator cancelled the job, or its lease was lost
+to another worker) nothing more is produced or sent and :class:`JobReleased` is raised; the worker then
+discards the attempt's result (:func:`~dicomnode.state.jobs.finish` leaves a job it does not own alone).
+
 Outputs are produced once per job: after they are written and entered in the delivery ledger the job is
 marked ``outputs_ready``, and any later attempt (a retry after a PACS outage, an operator's ``retry``) only
 re-sends what is still PENDING. A forward job's outputs are the spooled instances themselves.
@@ -17,7 +23,9 @@ from dataclasses import dataclass
 
 from dicomnode.config import Config, Destination, PipelineConfig
 from dicomnode.errors import DeliveryError, PipelineError, TransientError
-from dicomnode.outputs.scu import Outcome, ScuSettings, StoreResult, send_files
+from dicomnode.outputs.delivery import Outcome, Proceed, StoreResult, always
+from dicomnode.outputs.destinations import open_sender
+from dicomnode.outputs.scu import ScuSettings
 from dicomnode.state import jobs
 from dicomnode.state.jobs import OutboundFile
 from dicomnode.state.spool import Spool
@@ -28,6 +36,10 @@ log = logging.getLogger(__name__)
 
 # A producer turns a job into files in the outbox (image pipelines); forward jobs need none.
 Producer = Callable[[JobRow, PipelineConfig], list[OutboundFile]]
+
+
+class JobReleased(TransientError):
+    """The worker no longer owns the job (cancelled, or its lease lost to another worker): stop at once."""
 
 
 @dataclass(frozen=True)
@@ -47,11 +59,16 @@ def pipeline_for(cfg: Config, name: str) -> PipelineConfig:
     return cfg.pipeline(name)
 
 
-def run_job(job: JobRow, ctx: PipelineContext) -> None:
-    """Run one attempt of ``job``: produce its outputs (once), then deliver what is still pending."""
+def run_job(job: JobRow, ctx: PipelineContext, owned: Proceed = always) -> None:
+    """Run one attempt of ``job``: produce its outputs (once), then deliver what is still pending.
+
+    ``owned`` says whether this worker still owns the job (module docstring); JobReleased when it stops saying so.
+    """
     pipe = pipeline_for(ctx.config, job.pipeline)
     if not job.outputs_ready:
+        _check_owned(job, owned, "before producing")
         files = _produce(job, pipe, ctx)
+        _check_owned(job, owned, "after producing, before recording the outputs")
         now = time.time()
         for dest_name in pipe.destinations:
             jobs.add_deliveries(ctx.store, job.id, dest_name, files, now=now)
@@ -60,9 +77,10 @@ def run_job(job: JobRow, ctx: PipelineContext) -> None:
     refused: list[str] = []  # permanent: the destination said no, or will never accept
     transient: list[str] = []
     for dest_name in pipe.destinations:
+        _check_owned(job, owned, f"before delivering to {dest_name}")
         dest = ctx.config.destination(dest_name)
         try:
-            refused.extend(_deliver(job, dest, pipe.dry_run, ctx))
+            refused.extend(_deliver(job, dest, pipe.dry_run, ctx, owned))
         except DeliveryError as exc:
             (transient if exc.retryable else refused).append(str(exc))
             continue
@@ -73,6 +91,11 @@ def run_job(job: JobRow, ctx: PipelineContext) -> None:
         raise TransientError("not yet delivered: " + "; ".join(transient[:3]))
     if refused:
         raise PipelineError("refused: " + "; ".join(refused[:3]))
+
+
+def _check_owned(job: JobRow, owned: Proceed, when: str) -> None:
+    if not owned():
+        raise JobReleased(f"job {job.id} is no longer this worker's (cancelled or taken over); stopped {when}")
 
 
 def _produce(job: JobRow, pipe: PipelineConfig, ctx: PipelineContext) -> list[OutboundFile]:
@@ -87,8 +110,11 @@ def _produce(job: JobRow, pipe: PipelineConfig, ctx: PipelineContext) -> list[Ou
     return producer(job, pipe)
 
 
-def _deliver(job: JobRow, dest: Destination, dry_run: bool, ctx: PipelineContext) -> list[str]:
-    """Send this job's PENDING objects to ``dest``; record each answer; return permanent refusals."""
+def _deliver(job: JobRow, dest: Destination, dry_run: bool, ctx: PipelineContext, owned: Proceed) -> list[str]:
+    """Send this job's PENDING objects to ``dest``; record each answer; return permanent refusals.
+
+    Stops between objects once ``owned`` says no (JobReleased): what was answered is recorded, the rest stays
+    PENDING. Raises DeliveryError when the destination as a whole fails (retryable or not)."""
     pending = [d for d in ctx.store.deliveries(job.id, destination=dest.name) if d.state is DeliveryState.PENDING]
     if not pending:
         return []
@@ -112,8 +138,17 @@ def _deliver(job: JobRow, dest: Destination, dry_run: bool, ctx: PipelineContext
                            detail=result.detail, now=time.time())
 
     started = time.monotonic()
-    results = send_files(dest, files, ctx.scu, on_result=record)
+    sender = open_sender(dest, ctx.scu, fsync=ctx.config.storage.fsync)
+    try:
+        results = sender.send(files, on_result=record, proceed=owned)
+    finally:
+        sender.close()
     stored = sum(r.outcome is Outcome.STORED for r in results)
-    ctx.store.add_event("job.sent", f"{dest.name}: {stored}/{len(files)} stored in {time.monotonic() - started:.1f} s",
-                        series_uid=job.series_uid, job_id=job.id)
+    still_owned = owned()
+    stopped = "" if still_owned else "; stopped: the job is no longer this worker's"
+    ctx.store.add_event("job.sent", f"{dest.where()}: {stored}/{len(files)} stored in "
+                        f"{time.monotonic() - started:.1f} s{stopped}", series_uid=job.series_uid, job_id=job.id)
+    if not still_owned:
+        raise JobReleased(f"job {job.id} is no longer this worker's (cancelled or taken over); stopped while "
+                          f"delivering to {dest.name} after {len(results)} of {len(files)} object(s)")
     return refused

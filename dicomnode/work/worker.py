@@ -2,8 +2,10 @@
 
 ``Worker.step(now=...)`` does one round and can be called directly by tests for deterministic stepping;
 ``Worker.run(stop)`` loops until ``stop`` is set. While a job runs, a heartbeat thread renews its lease so a
-long inference is not mistaken for a dead worker; if the lease cannot be renewed (the job was cancelled or
-taken over) the heartbeat notes it and the result of that attempt is discarded by :func:`jobs.finish`.
+long inference is not mistaken for a dead worker. The pipeline asks :meth:`Worker._owns` before producing and
+before each object it sends: the job must still be RUNNING, leased to this worker, with the lease not run out.
+Once that fails (an operator cancelled the job, the heartbeat could not renew the lease, another worker took the
+job over) the pipeline stops, sends nothing more, and :func:`jobs.finish` discards the attempt's result.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ from dicomnode.state.store import JobRow, JobState, SeriesRow, Store
 from dicomnode.work.pipeline import PipelineContext, run_job
 
 log = logging.getLogger(__name__)
+
+
+def _step_clock(now: float) -> Callable[[], float]:
+    """The clock of one step: ``now`` (the step's time, real or given by a test) advancing in real time."""
+    started = time.monotonic()
+    return lambda: now + (time.monotonic() - started)
 
 
 def owner_id(index: int = 0) -> str:
@@ -102,18 +110,20 @@ class Worker:
         job = jobs.claim(store, self.owner, now=now, lease_seconds=cfg.worker.lease_seconds)
         if job is None:
             return StepResult(tuple(promoted), tuple(requeued), None, None)
-        state = self._run(job)
+        clock = _step_clock(now)
+        state = self._run(job, clock)
         return StepResult(tuple(promoted), tuple(requeued), job.id, state)
 
-    def _run(self, job: JobRow) -> JobState:
+    def _run(self, job: JobRow, clock: Callable[[], float]) -> JobState:
         started = time.monotonic()
         stop_heartbeat = threading.Event()
-        beat = threading.Thread(target=self._heartbeat, args=(job.id, stop_heartbeat), daemon=True,
+        lost = threading.Event()  # set once this worker knows it no longer owns the job
+        beat = threading.Thread(target=self._heartbeat, args=(job.id, stop_heartbeat, lost, clock), daemon=True,
                                 name=f"lease-{job.id}")
         beat.start()
         error: DicomNodeError | None = None
         try:
-            run_job(job, self.ctx)
+            run_job(job, self.ctx, owned=lambda: self._owns(job.id, lost, clock))
         except DicomNodeError as exc:
             error = exc
         except Exception as exc:  # a bug or an unexpected library error: final, with the type in the reason
@@ -122,7 +132,7 @@ class Worker:
         finally:
             stop_heartbeat.set()
             beat.join()
-        state = jobs.finish(self.ctx.store, job, self.owner, now=time.time(), error=error, backoff=self.backoff,
+        state = jobs.finish(self.ctx.store, job, self.owner, now=clock(), error=error, backoff=self.backoff,
                             rng=self.rng)
         elapsed = time.monotonic() - started
         log.info("job %d pipeline=%s series=%s -> %s in %.2f s%s", job.id, job.pipeline, job.series_uid,
@@ -131,11 +141,26 @@ class Worker:
             self.on_job_done(job, state, elapsed)
         return state
 
-    def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
+    def _owns(self, job_id: int, lost: threading.Event, clock: Callable[[], float]) -> bool:
+        """True while the job is RUNNING, leased to this worker, and the lease has not run out at ``clock()``."""
+        if lost.is_set():
+            return False
+        row = self.ctx.store.get_job(job_id)
+        if (row is not None and row.state is JobState.RUNNING and row.lease_owner == self.owner
+                and row.lease_expires is not None and row.lease_expires >= clock()):
+            return True
+        lost.set()
+        why = "gone" if row is None else f"{row.state.value}, lease of {row.lease_owner or 'nobody'}"
+        log.warning("job %d is no longer this worker's (%s): stopping, sending nothing more", job_id, why)
+        return False
+
+    def _heartbeat(self, job_id: int, stop: threading.Event, lost: threading.Event,
+                   clock: Callable[[], float]) -> None:
         lease = self.ctx.config.worker.lease_seconds
         while not stop.wait(max(lease / 3, 0.5)):
             try:
-                if not jobs.renew_lease(self.ctx.store, job_id, self.owner, now=time.time(), lease_seconds=lease):
+                if not jobs.renew_lease(self.ctx.store, job_id, self.owner, now=clock(), lease_seconds=lease):
+                    lost.set()
                     log.warning("job %d: lease lost (cancelled or taken over); its result will be discarded", job_id)
                     return
             except DicomNodeError as exc:
