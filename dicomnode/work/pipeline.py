@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from dicomnode.config import Config, Destination, PipelineConfig
 from dicomnode.errors import DeliveryError, PipelineError, TransientError
@@ -57,6 +58,7 @@ def run_job(job: JobRow, ctx: PipelineContext) -> None:
             jobs.add_deliveries(ctx.store, job.id, dest_name, files, now=now)
         jobs.set_outputs_ready(ctx.store, job.id, now=now,
                                message=f"{len(files)} object(s) ready for {', '.join(pipe.destinations) or 'nobody'}")
+        _log_outputs(job, pipe, files)
     refused: list[str] = []  # permanent: the destination said no, or will never accept
     transient: list[str] = []
     for dest_name in pipe.destinations:
@@ -73,6 +75,17 @@ def run_job(job: JobRow, ctx: PipelineContext) -> None:
         raise TransientError("not yet delivered: " + "; ".join(transient[:3]))
     if refused:
         raise PipelineError("refused: " + "; ".join(refused[:3]))
+
+
+def _log_outputs(job: JobRow, pipe: PipelineConfig, files: list[OutboundFile]) -> None:
+    folders = sorted({str(Path(f.path).parent) for f in files})
+    where = folders[0] if len(folders) == 1 else f"{len(folders)} folders under {Path(folders[0]).parent}"
+    log.info("job %d: %d object(s) in %s; destinations: %s", job.id, len(files), where if files else "-",
+             ", ".join(pipe.destinations) or "none (they stay in the outbox)")
+
+
+def _describe(dest: Destination) -> str:
+    return f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
 
 
 def _produce(job: JobRow, pipe: PipelineConfig, ctx: PipelineContext) -> list[OutboundFile]:
@@ -114,6 +127,9 @@ def _deliver(job: JobRow, dest: Destination, dry_run: bool, ctx: PipelineContext
     started = time.monotonic()
     results = send_files(dest, files, ctx.scu, on_result=record)
     stored = sum(r.outcome is Outcome.STORED for r in results)
-    ctx.store.add_event("job.sent", f"{dest.name}: {stored}/{len(files)} stored in {time.monotonic() - started:.1f} s",
+    elapsed = time.monotonic() - started
+    ctx.store.add_event("job.sent", f"{dest.name}: {stored}/{len(files)} stored in {elapsed:.1f} s",
                         series_uid=job.series_uid, job_id=job.id)
+    log.info("job %d: %d/%d object(s) stored at %s in %.1f s%s", job.id, stored, len(files), _describe(dest),
+             elapsed, f"; {len(refused)} refused" if refused else "")
     return refused

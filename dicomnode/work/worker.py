@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from dicomnode.errors import DicomNodeError, PipelineError
 from dicomnode.state import jobs
 from dicomnode.state.jobs import Backoff, Route
-from dicomnode.state.store import JobRow, JobState, SeriesRow
+from dicomnode.state.store import JobRow, JobState, SeriesRow, SeriesState
 from dicomnode.work.pipeline import PipelineContext, run_job
 
 log = logging.getLogger(__name__)
@@ -57,11 +57,22 @@ class Worker:
         requeued = jobs.requeue_expired(store, now=now)
         promoted = jobs.promote(store, self.router, now=now, quiet_seconds=cfg.completion.quiet_seconds,
                                 after_release_seconds=cfg.completion.after_release_seconds)
+        for series_uid in promoted:
+            self._log_promoted(series_uid)
         job = jobs.claim(store, self.owner, now=now, lease_seconds=cfg.worker.lease_seconds)
         if job is None:
             return StepResult(tuple(promoted), tuple(requeued), None, None)
         state = self._run(job)
         return StepResult(tuple(promoted), tuple(requeued), job.id, state)
+
+    def _log_promoted(self, series_uid: str) -> None:
+        """One INFO line per series judged complete: why, and which pipelines (or why it is ignored)."""
+        series = self.ctx.store.get_series(series_uid)
+        if series is None:
+            return
+        what = "ignored" if series.state is SeriesState.IGNORED else "complete"
+        log.info("series %s (%s, %d instance(s)) %s: %s", series_uid, series.modality or "?", series.n_instances,
+                 what, series.reason.removeprefix("complete: "))
 
     def _run(self, job: JobRow) -> JobState:
         started = time.monotonic()
@@ -70,6 +81,7 @@ class Worker:
                                 name=f"lease-{job.id}")
         beat.start()
         error: DicomNodeError | None = None
+        log.info("job %d: pipeline %s on series %s (attempt %d)", job.id, job.pipeline, job.series_uid, job.attempts)
         try:
             run_job(job, self.ctx)
         except DicomNodeError as exc:
@@ -82,8 +94,8 @@ class Worker:
             beat.join()
         state = jobs.finish(self.ctx.store, job, self.owner, now=time.time(), error=error, backoff=self.backoff)
         elapsed = time.monotonic() - started
-        log.info("job %d pipeline=%s series=%s -> %s in %.2f s%s", job.id, job.pipeline, job.series_uid,
-                 state.value, elapsed, f": {error}" if error else "")
+        log.info("job %d pipeline=%s series=%s attempt %d -> %s in %.2f s%s", job.id, job.pipeline,
+                 job.series_uid, job.attempts, state.value, elapsed, f": {error}" if error else "")
         if self.on_job_done is not None:
             self.on_job_done(job, state, elapsed)
         return state
