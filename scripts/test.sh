@@ -6,13 +6,15 @@ cd "$(dirname "$0")/.."
 source scripts/venv.sh
 
 # Real peers and validators the tests talk to (Debian packages): Orthanc as the PACS, DCMTK as the
-# modality, dicom3tools' dciodvfy and dcm2niix as validators, openssl for the TLS certificates.
+# modality, dicom3tools' dciodvfy and dcm2niix as validators, openssl for the TLS certificates, Chromium
+# (headless) to look at the status page.
 missing=()
 command -v Orthanc >/dev/null || missing+=(orthanc)
 [ -x /usr/bin/storescu ] || missing+=(dcmtk)
 command -v dciodvfy >/dev/null || missing+=(dicom3tools)
 command -v dcm2niix >/dev/null || missing+=(dcm2niix)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v chromium >/dev/null || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 # Python (the virtualenv comes from scripts/venv.sh): the CPU build of torch first (an unpinned torch pulls

@@ -140,10 +140,11 @@ def job_dict(store: Store, j: JobRow, now: float) -> dict[str, Any]:
             "deliveries": summary}
 
 
-def status_document(cfg: Config, *, now: float | None = None) -> dict[str, Any]:
-    """The ``status --json`` document; schema in the module docstring."""
+def status_document(cfg: Config, *, now: float | None = None, store: Store | None = None) -> dict[str, Any]:
+    """The ``status --json`` document; schema in the module docstring. ``store``: read this one (the
+    caller's) instead of opening the configured store."""
     now = time.time() if now is None else now
-    store = open_store(cfg)
+    store = open_store(cfg) if store is None else store
     queued = sorted(store.list_jobs(state=JobState.QUEUED, limit=100000), key=lambda j: j.created_at)
     oldest = None
     if queued:
@@ -169,10 +170,11 @@ def status_document(cfg: Config, *, now: float | None = None) -> dict[str, Any]:
 
 
 def jobs_document(cfg: Config, *, state: JobState | None = None, since: float | None = None,
-                  now: float | None = None, limit: int = 1000) -> dict[str, Any]:
-    """The ``jobs --json`` document (jobs updated at or after ``since``); schema in the module docstring."""
+                  now: float | None = None, limit: int = 1000, store: Store | None = None) -> dict[str, Any]:
+    """The ``jobs --json`` document (jobs updated at or after ``since``); schema in the module docstring.
+    ``store``: as for :func:`status_document`."""
     now = time.time() if now is None else now
-    store = open_store(cfg)
+    store = open_store(cfg) if store is None else store
     rows = store.list_jobs(state=state, since=since, limit=limit)
     return {"schema": JOBS_SCHEMA, "generated_at": now, "jobs": [job_dict(store, j, now) for j in rows]}
 
@@ -195,17 +197,18 @@ def _outputs(store: Store, job_id: int) -> list[dict[str, Any]]:
     return list(by_sop.values())
 
 
-def show_document(cfg: Config, key: str, *, now: float | None = None) -> dict[str, Any]:
+def show_document(cfg: Config, key: str, *, now: float | None = None, store: Store | None = None) -> dict[str, Any]:
     """``show JOB|SERIES``: a number is a job id, anything else a SeriesInstanceUID.
 
     ``{"schema": "dicomnode.show/1", "kind": "job", "job": {...jobs/1 item}, "series": {...} | null,
     "outputs": [{"sop_uid", "kind", "path", "sop_class_uid", "deliveries": [{"destination", "state", "status",
     "detail"}]}], "events": [{"ts", "kind", "job_id", "message"}]}``; an output's ``kind`` is SEG, SR, SC,
     RTSTRUCT or IMAGE (:func:`output_kind`); for a series ``kind`` is ``"series"``,
-    ``jobs`` lists its jobs (each with its ``outputs``) and ``events`` its whole history.
+    ``jobs`` lists its jobs (each with its ``outputs``) and ``events`` its whole history. ``store``: as for
+    :func:`status_document`.
     """
     now = time.time() if now is None else now
-    store = open_store(cfg)
+    store = open_store(cfg) if store is None else store
     if key.isdigit():
         job = store.get_job(int(key))
         if job is None:

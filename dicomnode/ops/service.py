@@ -9,6 +9,7 @@ accepting and finish their associations, workers finish (or abandon, lease intac
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 import signal
@@ -21,6 +22,7 @@ from typing import Any
 
 from dicomnode.config import Config
 from dicomnode.ops.http import start_http_server
+from dicomnode.ops.web.server import StatusPage
 from dicomnode.outputs.scu import ScuSettings, client_ssl_context
 from dicomnode.receive.scp import ReceiveContext, listen, start_server
 from dicomnode.state.recovery import recover, requeue_dead_workers
@@ -178,6 +180,7 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
     if cfg.metrics.enabled:
         metrics.prepare_multiprocess(cfg)  # before any child is spawned: they inherit the directory
     listener = listen(cfg)  # before anything else: a port in use is the first error to report
+    page = StatusPage(cfg) if cfg.ui.enabled else None  # binds ui.port now: in use, serve fails here too
     store = Store(cfg.db_path)
     report = recover(store, open_spool(cfg), reprocess_late=cfg.completion.on_late_instance.value == "reprocess")
     log.info("recovered: %s", report)
@@ -201,6 +204,8 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
         started_at = time.time()
         http = start_http_server(cfg.metrics.host, cfg.metrics.port, cfg.db_path,
                                          lambda: _health(children, started_at))
+    if page is not None:
+        page.start(functools.partial(_health, children, time.time()))
     log.info("dicomnode %s serving on %s:%d with %d receiver(s) and %d worker(s)", cfg.node.ae_title,
              cfg.node.host, cfg.node.port, cfg.node.receivers, cfg.worker.workers)
     if ready is not None:
@@ -228,5 +233,7 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
     if http is not None:
         http.shutdown()
         http.server_close()
+    if page is not None:
+        page.stop()
     log.info("stopped")
     return 0
