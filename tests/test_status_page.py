@@ -137,6 +137,8 @@ def test_show_lists_outputs_by_kind(done: Any) -> None:
     (job_doc,) = shown["jobs"]
     kinds = sorted(o["kind"] for o in job_doc["outputs"])
     assert kinds.count("SEG") == 1 and kinds.count("SR") == 1 and kinds.count("SC") == 18
+    assert re.search(rf"INFO .*job {job_doc['id']}: results for pacs \(STORESCP@127\.0\.0\.1:\d+\): 20 STORED",
+                     node.log())
     text = node.cli("show", str(job_doc["id"])).stdout
     assert re.search(r"SEG: 1 object\(s\).*SR: 1 object\(s\).*SC: 18 object\(s\)", text, re.DOTALL), text
 

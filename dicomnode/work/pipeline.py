@@ -78,14 +78,12 @@ def run_job(job: JobRow, ctx: PipelineContext) -> None:
 
 
 def _log_outputs(job: JobRow, pipe: PipelineConfig, files: list[OutboundFile]) -> None:
+    """Where the job's objects are before delivery (outbox folders, or the spool for a forward job)."""
     folders = sorted({str(Path(f.path).parent) for f in files})
-    where = folders[0] if len(folders) == 1 else f"{len(folders)} folders under {Path(folders[0]).parent}"
-    log.info("job %d: %d object(s) in %s; destinations: %s", job.id, len(files), where if files else "-",
+    where = "-" if not folders else folders[0] if len(folders) == 1 else \
+        f"{len(folders)} folders under {Path(folders[0]).parent}"
+    log.info("job %d: %d object(s) in %s; destinations: %s", job.id, len(files), where,
              ", ".join(pipe.destinations) or "none (they stay in the outbox)")
-
-
-def _describe(dest: Destination) -> str:
-    return f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
 
 
 def _produce(job: JobRow, pipe: PipelineConfig, ctx: PipelineContext) -> list[OutboundFile]:
@@ -127,9 +125,6 @@ def _deliver(job: JobRow, dest: Destination, dry_run: bool, ctx: PipelineContext
     started = time.monotonic()
     results = send_files(dest, files, ctx.scu, on_result=record)
     stored = sum(r.outcome is Outcome.STORED for r in results)
-    elapsed = time.monotonic() - started
-    ctx.store.add_event("job.sent", f"{dest.name}: {stored}/{len(files)} stored in {elapsed:.1f} s",
+    ctx.store.add_event("job.sent", f"{dest.name}: {stored}/{len(files)} stored in {time.monotonic() - started:.1f} s",
                         series_uid=job.series_uid, job_id=job.id)
-    log.info("job %d: %d/%d object(s) stored at %s in %.1f s%s", job.id, stored, len(files), _describe(dest),
-             elapsed, f"; {len(refused)} refused" if refused else "")
     return refused

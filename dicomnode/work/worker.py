@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dicomnode.errors import DicomNodeError, PipelineError
+from dicomnode.config import Config
+from dicomnode.errors import ConfigError, DicomNodeError, PipelineError
 from dicomnode.state import jobs
 from dicomnode.state.jobs import Backoff, Route
 from dicomnode.state.store import JobRow, JobState, SeriesRow, SeriesState
@@ -28,6 +29,15 @@ log = logging.getLogger(__name__)
 def owner_id(index: int = 0) -> str:
     """Lease owner name: host, pid and worker index (recovery uses host and pid to spot dead workers)."""
     return f"{socket.gethostname()}:{os.getpid()}:{index}"
+
+
+def _where(cfg: Config, name: str) -> str:
+    """A destination for the log: its name and address (no credentials)."""
+    try:
+        dest = cfg.destination(name)
+    except ConfigError:
+        return name
+    return f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
 
 
 @dataclass(frozen=True)
@@ -94,11 +104,22 @@ class Worker:
             beat.join()
         state = jobs.finish(self.ctx.store, job, self.owner, now=time.time(), error=error, backoff=self.backoff)
         elapsed = time.monotonic() - started
-        log.info("job %d pipeline=%s series=%s attempt %d -> %s in %.2f s%s", job.id, job.pipeline,
-                 job.series_uid, job.attempts, state.value, elapsed, f": {error}" if error else "")
+        log.info("job %d pipeline=%s series=%s -> %s in %.2f s%s", job.id, job.pipeline, job.series_uid,
+                 state.value, elapsed, f": {error}" if error else "")
+        self._log_deliveries(job)
         if self.on_job_done is not None:
             self.on_job_done(job, state, elapsed)
         return state
+
+    def _log_deliveries(self, job: JobRow) -> None:
+        """Where the job's results went: one INFO line per destination with its objects by delivery state."""
+        by_dest: dict[str, dict[str, int]] = {}
+        for d in self.ctx.store.deliveries(job.id):
+            states = by_dest.setdefault(d.destination, {})
+            states[d.state.value] = states.get(d.state.value, 0) + 1
+        for name, states in by_dest.items():
+            counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+            log.info("job %d: results for %s: %s", job.id, _where(self.ctx.config, name), counts)
 
     def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
         lease = self.ctx.config.worker.lease_seconds
