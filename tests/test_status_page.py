@@ -178,5 +178,20 @@ def test_beyond_loopback_the_page_needs_its_token(tmp_path: Path) -> None:
         page = dom(f"{base}/?token={TOKEN}")
         assert "Overview" in page and "no series received yet" in page
         assert_not_blank(screenshot(f"{base}/?token={TOKEN}", tmp_path / "token.png"))
+        health = node.cli("health", "--json")  # the verb sends the configured token
+        assert health.returncode == 0 and json.loads(health.stdout)["healthy"], health.stdout
     finally:
         node.stop()
+
+
+def test_health_verb_follows_the_config(done: Any) -> None:
+    node, base, _ = done
+    out = node.cli("health", "--json")
+    doc = json.loads(out.stdout)
+    assert out.returncode == 0 and doc["schema"] == "dicomnode.health/1" and doc["healthy"]
+    assert doc["checked"] == f"{base}/health" and doc["detail"]["workers"][0]["alive"]
+    assert get(base + "/health")[0] == 200
+    echo = json.loads(node.cli("health", "--json", "--set", "ui.enabled=false").stdout)
+    assert echo["healthy"] and echo["checked"] == f"c-echo DICOMNODE@127.0.0.1:{node.port}"
+    down = node.cli("health", "--set", f"ui.port={free_port()}", "--timeout", "2")
+    assert down.returncode == 1 and down.stdout.startswith("NOT healthy"), down.stdout

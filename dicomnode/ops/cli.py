@@ -30,10 +30,9 @@ from typing import Any
 from dicomnode import __version__
 from dicomnode.config import Config, Destination, check_ae_title, load_config
 from dicomnode.errors import ConfigError, DicomNodeError
-from dicomnode.ops import admin
+from dicomnode.ops import admin, tables
 from dicomnode.ops.logs import configure_logging
 from dicomnode.ops.runtime import configure_libraries
-from dicomnode.outputs.scu import StoreResult
 from dicomnode.state.store import JobState
 
 STATUS_SCHEMA = admin.STATUS_SCHEMA
@@ -51,20 +50,6 @@ def _existing(paths: Sequence[str], what: str) -> list[Path]:
     return [Path(name) for name in paths]
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
 def _emit(args: argparse.Namespace, doc: Any) -> bool:
     """Print ``doc`` as JSON when ``--json`` was given; True if printed (the caller then skips the table)."""
     if getattr(args, "json", False):
@@ -73,33 +58,9 @@ def _emit(args: argparse.Namespace, doc: Any) -> bool:
     return False
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    for row in [list(headers), *cells]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
 def status_document(cfg: Config, *, now: float | None = None) -> dict[str, Any]:
     """The ``status --json`` document (schema ``dicomnode.status/1``, see :mod:`dicomnode.ops.admin`)."""
     return admin.status_document(cfg, now=now)
-
-
-def _print_status(doc: dict[str, Any]) -> None:
-    counts = doc["counts"]
-    print("series: " + ", ".join(f"{k} {v}" for k, v in counts["series"].items()))
-    print("jobs:   " + ", ".join(f"{k} {v}" for k, v in counts["jobs"].items()))
-    oldest = doc["queue"]["oldest_waiting"]
-    if oldest:
-        waited = _age(oldest["waiting_seconds"])
-        print(f"oldest waiting job: {oldest['job_id']} ({oldest['pipeline']}) for {waited}")
-    if doc["backlog"]:
-        print("backlog (pending deliveries): " + ", ".join(f"{k} {v}" for k, v in doc["backlog"].items()))
-    if doc["series"]:
-        print()
-        _table(["SERIES UID", "MOD", "INST", "STATE", "AGE", "REASON"],
-               [[s["series_uid"], s["modality"], s["instances"], s["state"], _age(s["age_seconds"]),
-                 s["reason"]] for s in doc["series"]])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -111,7 +72,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             if args.watch and sys.stdout.isatty():
                 print("\033[H\033[J", end="")
-            _print_status(doc)
+            tables.print_status(doc)
             if args.watch:
                 print(f"\n(every {args.watch:g} s, Ctrl+C to stop)", flush=True)
         if not args.watch:
@@ -122,54 +83,19 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
 
 
-def _print_jobs(rows: list[dict[str, Any]]) -> None:
-    _table(["JOB", "STATE", "PIPELINE", "TRIES", "AGE", "DELIVERIES", "SERIES UID", "ERROR"],
-           [[j["id"], j["state"], j["pipeline"], j["attempts"], _age(j["age_seconds"]),
-             " ".join(f"{k}:{v}" for k, v in j["deliveries"].items()) or "-", j["series_uid"],
-             j["error"][:60]] for j in rows])
-
-
 def cmd_jobs(args: argparse.Namespace) -> int:
     cfg = _config(args)
     doc = admin.jobs_document(cfg, state=JobState(args.state) if args.state else None, since=args.since)
     if not _emit(args, doc):
-        _print_jobs(doc["jobs"]) if doc["jobs"] else print("no jobs")
+        tables.print_jobs(doc["jobs"]) if doc["jobs"] else print("no jobs")
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     doc = admin.show_document(_config(args), args.key)
-    if _emit(args, doc):
-        return 0
-    series = doc["series"]
-    if series:
-        print(f"series {series['series_uid']}: {series['modality']} {series['instances']} instance(s), "
-              f"{series['state']} (generation {series['generation']}) {series['reason']}")
-    job_docs = [doc["job"]] if doc["kind"] == "job" else doc["jobs"]
-    for job in job_docs:
-        print(f"\njob {job['id']}: {job['pipeline']} {job['state']}, {job['attempts']} attempt(s)"
-              + (f": {job['error']}" if job["error"] else ""))
-        outputs = doc["outputs"] if doc["kind"] == "job" else job["outputs"]
-        _print_outputs(outputs)
-    print("\nevents:")
-    for e in doc["events"]:
-        job = "" if e["job_id"] is None else e["job_id"]
-        print(f"  {_when(e['ts'])}  {e['kind']:<18} {job:>4}  {e['message']}")
+    if not _emit(args, doc):
+        tables.print_show(doc)
     return 0
-
-
-def _print_outputs(outputs: list[dict[str, Any]]) -> None:
-    """The job's objects grouped by kind (SEG, SR, SC, RTSTRUCT, then anything else), with their deliveries."""
-    kinds = sorted({o["kind"] for o in outputs}, key=lambda k: (admin.OUTPUT_KIND_ORDER.get(k, 99), k))
-    for kind in kinds:
-        mine = [o for o in outputs if o["kind"] == kind]
-        print(f"  {kind}: {len(mine)} object(s)")
-        rows = [[o["sop_uid"], d["destination"], d["state"],
-                 "-" if d["status"] is None else f"0x{d['status']:04X}", d["detail"]]
-                for o in mine for d in o["deliveries"]]
-        if rows:
-            _table(["    SOP INSTANCE UID", "DESTINATION", "STATE", "STATUS", "DETAIL"],
-                   [["    " + r[0], *r[1:]] for r in rows])
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -195,7 +121,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
         s = doc["series"]
         print(f"series {s['series_uid']} is {s['state']}: {s['reason']}")
         if doc["jobs"]:
-            _print_jobs(doc["jobs"])
+            tables.print_jobs(doc["jobs"])
     return 0
 
 
@@ -223,18 +149,11 @@ def _destination_from_args(cfg: Config, args: argparse.Namespace) -> Destination
                        port=args.port, tls=bool(args.tls))
 
 
-def _progress_bar(done: int, total: int, result: StoreResult) -> None:
-    width = 30
-    filled = width * done // max(total, 1)
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {result.outcome.value:<9}",
-          end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-
 def cmd_send(args: argparse.Namespace) -> int:
     cfg = _config(args)
     paths = _existing(args.paths, "path")
     dest = _destination_from_args(cfg, args)
-    doc = admin.send(cfg, paths, dest, on_progress=_progress_bar)
+    doc = admin.send(cfg, paths, dest, on_progress=tables.progress_bar)
     if not _emit(args, doc):
         statuses = ", ".join(f"{k} x{v}" for k, v in doc["statuses"].items())
         print(f"sent {doc['files']} file(s) to {dest.ae_title}@{dest.host}:{dest.port}: "
@@ -334,6 +253,19 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    from dicomnode.ops.probe import check
+
+    doc = check(_config(args), timeout=args.timeout)
+    if not _emit(args, doc):
+        state = "healthy" if doc["healthy"] else "NOT healthy"
+        detail = doc["detail"].get("error") or ", ".join(
+            f"{p['name']} {'up' if p.get('alive') else 'DOWN'}"
+            for role in ("receivers", "workers") for p in doc["detail"].get(role, []))
+        print(f"{state} ({doc['checked']})" + (f": {detail}" if detail else ""))
+    return 0 if doc["healthy"] else 1
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicomnode.ops.service import serve
 
@@ -423,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("series_dir")
     p.add_argument("out", help="output .nii.gz path")
     p.add_argument("--mask", choices=["lung", "body", "brain"])
+    p = verb("health", cmd_health, "is the node up? asks its /health (metrics or status page) or C-ECHOes it")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to wait (default 5)")
     p = verb("config", cmd_config, "print the effective configuration as YAML, ready to edit")
     p.add_argument("--print-defaults", action="store_true", help="the embedded default instead")
     return parser

@@ -9,6 +9,8 @@ Routes (all GET):
   mean HU, thumbnails of the Secondary Captures) and deliveries per destination.
 - ``/jobs/{id}/outputs/{sop_uid}.png``: an output picture as PNG (``?size=N``, 64-2048 pixels); only
   objects of that job, only files inside the outbox.
+- ``/health``: the supervisor's health document as JSON (200 when healthy, else 503), as the metrics server's
+  ``/health`` answers it; what ``dicomnode health`` asks when metrics are off.
 - ``/static/...``: the stylesheet.
 
 Access: when ``ui.token`` is set every request needs it (``Authorization: Bearer``, basic auth password, the
@@ -31,7 +33,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -150,11 +152,16 @@ def make_app(cfg: Config, health: HealthFn | None = None) -> Starlette:
     def picture(request: Request) -> Response:
         return _picture(cfg, request)
 
+    def healthz(request: Request) -> Response:
+        doc = health() if health else {"healthy": False, "error": "not run by a supervisor"}
+        return JSONResponse(doc, status_code=200 if doc.get("healthy") else 503)
+
     routes = [
         Route("/", with_store(index)),
         Route("/series/{uid:str}", with_store(series)),
         Route("/jobs/{job_id:int}", with_store(job)),
         Route("/jobs/{job_id:int}/outputs/{sop_uid:str}.png", picture),
+        Route("/health", healthz),
         Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
     ]
     middleware = [Middleware(Headers)]
