@@ -145,3 +145,18 @@ def test_storage_resolves_alike_from_any_folder_with_and_without_a_config(home: 
     assert not (elsewhere / "dicomnode-data").exists()
     relative = run(home, "config", "--set", "storage.path=rel", cwd=elsewhere)
     assert yaml.safe_load(relative.stdout)["storage"]["path"] == str((elsewhere / "rel").resolve())
+
+
+def test_config_file_from_the_environment(home: Path, tmp_path: Path) -> None:
+    """DICOMNODE_CONFIG names the file when --config is not given (the Docker image's health check relies on it)."""
+    cfg = tmp_path / "env.yaml"
+    cfg.write_text(yaml.safe_dump({"node": {"ae_title": "FROMENV"}}))
+    env = {**os.environ, "DICOMNODE_HOME": str(home), "DICOMNODE_CONFIG": str(cfg)}
+    out = subprocess.run([sys.executable, "-m", "dicomnode", "config"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert yaml.safe_load(out.stdout)["node"]["ae_title"] == "FROMENV"
+    given = tmp_path / "given.yaml"
+    given.write_text(yaml.safe_dump({"node": {"ae_title": "GIVEN"}}))
+    out = subprocess.run([sys.executable, "-m", "dicomnode", "config", "-c", str(given)], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert yaml.safe_load(out.stdout)["node"]["ae_title"] == "GIVEN"

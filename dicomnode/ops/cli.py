@@ -4,10 +4,10 @@ Every verb takes ``--config FILE`` (default: the embedded defaults) and ``--json
 stdout; schemas in :mod:`dicomnode.ops.admin`). Human output is a table on stdout; progress goes to stderr.
 Never imports torch (``process`` and ``convert`` import their pipelines lazily).
 
-Without ``--config`` every verb uses the embedded default (:func:`dicomnode.config.default_raw`; print it with
-``dicomnode config --print-defaults``); ``--set KEY=VALUE`` overrides single keys of either (``--set
-node.port=11113``). Data live under ``storage.path``: by default ``$DICOMNODE_HOME``, else
-``~/.local/share/dicomnode``, whichever folder a verb is run from.
+Without ``--config`` (or ``$DICOMNODE_CONFIG``, the path of a file) every verb uses the embedded default
+(:func:`dicomnode.config.default_raw`; print it with ``dicomnode config --print-defaults``); ``--set KEY=VALUE``
+overrides single keys of either (``--set node.port=11113``). Data live under ``storage.path``: by default
+``$DICOMNODE_HOME``, else ``~/.local/share/dicomnode``, whichever folder a verb is run from.
 
 Exit codes: 0 success (also when the reader of stdout stops early, as ``status | head`` does); 1 the operation
 failed (unknown job or series, the operation does not apply, peer or node unreachable, a missing input, a
@@ -38,8 +38,17 @@ from dicomnode.state.store import JobState
 STATUS_SCHEMA = admin.STATUS_SCHEMA
 
 
+CONFIG_ENV = "DICOMNODE_CONFIG"
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
+    """``--config FILE``, else ``$DICOMNODE_CONFIG`` when set, else None (the embedded default)."""
+    name = getattr(args, "config", None) or os.environ.get(CONFIG_ENV, "").strip()
+    return Path(name) if name else None
+
+
 def _config(args: argparse.Namespace) -> Config:
-    return load_config(Path(args.config) if getattr(args, "config", None) else None, getattr(args, "set", None) or ())
+    return load_config(_config_path(args), getattr(args, "set", None) or ())
 
 
 def _existing(paths: Sequence[str], what: str) -> list[Path]:
@@ -271,7 +280,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     configure_logging(cfg.logging.level, json_lines=cfg.logging.json or args.json)
-    if not args.config:
+    if _config_path(args) is None:
         logging.getLogger(__name__).info(
             "no --config: running the embedded default (dicomnode config --print-defaults shows it); data in %s",
             cfg.storage.path)
@@ -309,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def verb(name: str, func: Any, text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--config", "-c", help="YAML configuration file (default: embedded defaults)")
+        p.add_argument("--config", "-c", help="YAML configuration file (default: $DICOMNODE_CONFIG, else the "
+                                                "embedded default: see dicomnode config --print-defaults)")
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override one configuration key, e.g. --set node.port=11113 (repeatable)")
