@@ -160,3 +160,21 @@ def test_config_file_from_the_environment(home: Path, tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "dicomnode", "config", "-c", str(given)], capture_output=True,
                          text=True, env=env, timeout=60)
     assert yaml.safe_load(out.stdout)["node"]["ae_title"] == "GIVEN"
+
+
+def test_start_script_puts_dicomnode_on_the_path(tmp_path: Path) -> None:
+    """scripts/start.sh links the virtualenv's command into ~/.local/bin (scripts/link_cli.sh): a new login
+    shell of a Debian user finds `dicomnode` there."""
+    repo = Path(__file__).resolve().parents[1]
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "dicomnode").symlink_to(Path(sys.executable).parent / "python")  # stands in for the script
+    user_bin = tmp_path / "user" / ".local" / "bin"
+    env = {**os.environ, "HOME": str(tmp_path / "user"), "PATH": f"{user_bin}:/usr/bin:/bin"}
+    out = subprocess.run(["bash", str(repo / "scripts" / "link_cli.sh"), str(venv_bin / "dicomnode")], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "dicomnode is on your PATH" in out.stdout, out.stderr
+    found = subprocess.run(["bash", "-c", "command -v dicomnode"], env=env, capture_output=True, text=True)
+    assert found.stdout.strip() == str(tmp_path / "user" / ".local" / "bin" / "dicomnode")
+    assert Path(found.stdout.strip()).resolve() == (venv_bin / "dicomnode").resolve()
+    assert "link_cli.sh .venv/bin/dicomnode" in (repo / "scripts" / "start.sh").read_text()
