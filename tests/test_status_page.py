@@ -128,6 +128,8 @@ def test_page_shows_the_series_its_job_and_the_pictures(done: Any) -> None:
     assert get(base + "/jobs/999999")[0] == 404
     assert get(f"{base}/jobs/{job_id}/outputs/1.2.3.png")[0] == 404
     assert get(base + "/static/style.css")[0] == 200
+    full = Image.open(io.BytesIO(get(base + thumbs[0] + "?size=1600")[2]))
+    assert max(full.size) > 320
 
 
 def test_show_lists_outputs_by_kind(done: Any) -> None:
@@ -195,3 +197,15 @@ def test_health_verb_follows_the_config(done: Any) -> None:
     assert echo["healthy"] and echo["checked"] == f"c-echo DICOMNODE@127.0.0.1:{node.port}"
     down = node.cli("health", "--set", f"ui.port={free_port()}", "--timeout", "2")
     assert down.returncode == 1 and down.stdout.startswith("NOT healthy"), down.stdout
+
+
+def test_status_page_port_in_use_fails_serve(tmp_path: Path) -> None:
+    import socket
+    import sys
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        node = NodeProcess(tmp_path, node_config(tmp_path, worker={"workers": 0}, ui={"port": port}))
+        out = subprocess.run([sys.executable, "-m", "dicomnode", "serve", *node.config_args], capture_output=True,
+                             text=True, timeout=60)
+    assert out.returncode == 1 and f"status page: cannot listen on 127.0.0.1:{port} (ui.port)" in out.stderr
