@@ -1,48 +1,46 @@
 # syntax=docker/dockerfile:1.7
-# dicomnode: receiver + GPU workers in one container (supervisor process, `dicomnode serve`).
-# Base: the official PyTorch runtime image (CUDA + cuDNN); runs on CPU too when no GPU is given to the container.
-FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+# dicomnode: receivers, workers and the status page in one container (one supervisor process, `dicomnode serve`).
+#
+# PyTorch is the version the test suite runs (scripts/test.sh pins torch==2.13.0), installed with pip into the
+# image's Python. By default the PyPI build, which brings its CUDA libraries and runs on the GPU when the container
+# is given one (NVIDIA container toolkit), else on the CPU. For a smaller CPU-only image, the exact build the tests
+# use:   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t dicomnode-server .
+FROM python:3.11-slim-bookworm
 
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://pypi.org/simple
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# dcmtk gives operators echoscu/storescu inside the container; curl serves the HEALTHCHECK.
+# dcmtk gives operators echoscu/storescu inside the container.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends dcmtk curl \
+ && apt-get install -y --no-install-recommends dcmtk \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/dicomnode
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
 COPY dicomnode ./dicomnode
-# torch comes from the base image; pip keeps it (the pyproject range accepts it).
-RUN pip install --no-cache-dir .
+# torch is already the pinned version; pip keeps it (the pyproject range accepts it).
+RUN pip install . && python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '${TORCH_VERSION}')"
 
-# Non-root user; spool, outbox and the SQLite store live on a volume.
+# Non-root user. Data (spool, outbox, SQLite store) live on the volume: DICOMNODE_HOME is the storage path of
+# every verb that runs without a storage.path in its configuration, so `docker exec ... dicomnode status` works.
 RUN useradd --system --uid 10001 --home-dir /var/lib/dicomnode --create-home dicomnode \
  && mkdir -p /etc/dicomnode /var/lib/dicomnode/data \
  && chown -R dicomnode:dicomnode /var/lib/dicomnode
-# Default configuration: listen on all interfaces, data on the volume, metrics on. Mount your own file over
-# /etc/dicomnode/dicomnode.yaml (see config/dicomnode.example.yaml for every key); compose.yaml does.
-COPY <<'YAML' /etc/dicomnode/dicomnode.yaml
-node:
-  ae_title: DICOMNODE
-  host: 0.0.0.0
-  port: 11112
-storage:
-  path: /var/lib/dicomnode/data
-metrics:
-  enabled: true
-  host: 0.0.0.0
-  port: 9110
-logging:
-  json: true
-YAML
+ENV DICOMNODE_HOME=/var/lib/dicomnode/data
 VOLUME ["/var/lib/dicomnode/data"]
 USER dicomnode
 
-# 11112: DICOM (C-ECHO, C-STORE); 9110: Prometheus /metrics and /health (metrics.enabled in the config).
-EXPOSE 11112 9110
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-  CMD curl -fsS http://127.0.0.1:9110/health || exit 1
+# Without a configuration the node runs its embedded default (`dicomnode config --print-defaults`), here on
+# every interface. To configure it, mount a file and name it in DICOMNODE_CONFIG (compose.yaml does): `serve`,
+# the health check and every other verb then read the same file.
+# 11112: DICOM (C-ECHO, C-STORE). 8110: the status page, which the default keeps on the container's loopback
+# (publish it by setting ui.host 0.0.0.0 and ui.token in your configuration, as compose.yaml does).
+EXPOSE 11112
+# `dicomnode health` reads the configuration and asks the node's /health where it is served (metrics server,
+# else the status page, with its token), else C-ECHOes the node: no fixed port.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 CMD ["dicomnode", "health", "--timeout", "8"]
 
 ENTRYPOINT ["dicomnode"]
-CMD ["serve", "--config", "/etc/dicomnode/dicomnode.yaml"]
+CMD ["serve", "--set", "node.host=0.0.0.0", "--set", "logging.json=true"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import os
 import re
 import types
@@ -83,11 +84,32 @@ class NodeConfig:
     tls: TlsConfig = field(default_factory=TlsConfig)
 
 
+HOME_ENV = "DICOMNODE_HOME"
+
+
+def default_storage_path() -> Path:
+    """Where the node keeps its data when the configuration does not say (``storage.path`` absent).
+
+    The rule, the same with and without a configuration file and from whichever folder a verb runs:
+    ``$DICOMNODE_HOME`` when set (made absolute against the current folder at the moment it is read), else
+    ``$XDG_DATA_HOME/dicomnode``, else ``~/.local/share/dicomnode``. Always an absolute path.
+    """
+    home = os.environ.get(HOME_ENV, "").strip()
+    if home:
+        return Path(home).expanduser().resolve()
+    xdg = os.environ.get("XDG_DATA_HOME", "").strip()
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return (base / "dicomnode").resolve()
+
+
 @dataclass(frozen=True)
 class StorageConfig:
-    """Where the spool, the outbox and the SQLite database live; the free-space floor for receiving."""
+    """Where the spool, the outbox and the SQLite database live; the free-space floor for receiving.
 
-    path: Path = Path("./dicomnode-data")
+    ``path`` defaults to :func:`default_storage_path`; a relative ``path`` in a file is relative to the file.
+    """
+
+    path: Path = field(default_factory=default_storage_path)
     min_free_mb: int = 512  # below this, C-STORE answers 0xA700 (out of resources) and stores nothing
     fsync: bool = True  # fsync file and folder before answering success; only turn off for throwaway tests
 
@@ -338,6 +360,34 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class UiConfig:
+    """The read-only status page the node serves (``/``: queue, series, jobs, outputs, health).
+
+    On by default, on loopback only. Bound to any other address it requires ``token`` (at least 16
+    characters), sent as ``Authorization: Bearer TOKEN``, as the password of HTTP basic auth, or once as
+    ``?token=TOKEN`` (the page then keeps it in a cookie). Patient names and IDs are shown only with
+    ``show_patient_ids``. The page reloads itself every ``refresh_seconds`` (0: never).
+    """
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8110
+    show_patient_ids: bool = False
+    token: str | None = None
+    refresh_seconds: int = 10
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1); False for any other name."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json: bool = False
@@ -357,6 +407,7 @@ class Config:
     unmatched: Literal["ignore", "forward"] = "ignore"  # series matching no rule: record as ignored, or forward
     unmatched_destinations: tuple[str, ...] = ()  # where 'forward' sends unmatched series (default: all)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    ui: UiConfig = field(default_factory=UiConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
@@ -497,6 +548,7 @@ def _validate(cfg: Config) -> None:
     if not 0.0 <= cfg.worker.backoff_jitter <= 1.0:
         raise ConfigError("worker.backoff_jitter: must lie between 0 and 1")
     _check_port(cfg.metrics.port, "metrics.port")
+    _validate_ui(cfg.ui)
     names: set[str] = set()
     for i, dest in enumerate(cfg.destinations):
         where = f"destinations[{i}]"
@@ -573,6 +625,16 @@ def _validate_dicomweb(dest: Destination, where: str) -> None:
         raise ConfigError(f"{at}.username: required for basic auth")
 
 
+def _validate_ui(ui: UiConfig) -> None:
+    _check_port(ui.port, "ui.port")
+    if ui.refresh_seconds < 0:
+        raise ConfigError("ui.refresh_seconds: must not be negative")
+    if ui.token is not None and len(ui.token) < 16:
+        raise ConfigError("ui.token: use at least 16 characters")
+    if ui.enabled and ui.token is None and not is_loopback(ui.host):
+        raise ConfigError(f"ui.token: required when the status page listens beyond loopback (ui.host {ui.host})")
+
+
 def _validate_segment(pipe: PipelineConfig, where: str) -> None:
     model = pipe.model
     if model.kind.needs_path and model.path is None:
@@ -588,16 +650,73 @@ def _validate_segment(pipe: PipelineConfig, where: str) -> None:
 
 
 def parse_config(raw: Any) -> Config:
-    """Build and validate a :class:`Config` from already-parsed YAML (``None`` means all defaults)."""
+    """Build and validate a :class:`Config` from already-parsed YAML (``None``: every key at its default,
+    which has no pipelines; the node's embedded default is :func:`default_raw`)."""
     cfg = _build(Config, raw, "")
     _validate(cfg)
     return cfg
 
 
-def load_config(path: Path | None) -> Config:
-    """Read ``path`` (YAML) into a validated :class:`Config`; ``None`` gives the embedded defaults."""
+DEFAULT_RESULTS = "results"  # the embedded default's folder destination
+DEFAULT_PIPELINE = "lung"
+
+
+def default_raw(storage: Path | None = None) -> dict[str, Any]:
+    """The embedded default configuration (what the node runs without ``--config``), as YAML-shaped data.
+
+    CT series whose ImageType has ORIGINAL and that hold at least 20 instances go through the classical lung
+    pipeline (SEG, SR and Secondary Capture pictures), whose results are written to the ``results`` folder
+    destination under the storage path (``<storage>/results/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``: UIDs
+    only); every other series is recorded as IGNORED with the rule condition it failed. ``storage``: the
+    storage path (default :func:`default_storage_path`).
+    """
+    storage = storage or default_storage_path()
+    return {
+        "destinations": [{"name": DEFAULT_RESULTS, "kind": "folder", "path": str(storage / "results")}],
+        "pipelines": [{"name": DEFAULT_PIPELINE, "kind": "segment", "model": {"kind": "lung"},
+                       "volume": {"min_slices": 20}, "destinations": [DEFAULT_RESULTS]}],
+        "rules": [{"name": "ct-original", "pipelines": [DEFAULT_PIPELINE],
+                   "match": {"modality": ["CT"], "image_type": ["ORIGINAL"], "min_instances": 20}}],
+    }
+
+
+def apply_overrides(raw: Any, overrides: Iterable[str]) -> Any:
+    """``raw`` with each ``dotted.key=VALUE`` of ``overrides`` set (VALUE read as YAML: ``11113``, ``true``,
+    ``[a, b]``); the configuration is then validated as usual. ConfigError for a malformed override."""
+    doc: Any = dict(raw) if isinstance(raw, dict) else ({} if raw is None else raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. node.port=11113")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: invalid value: {exc}") from None
+        if not isinstance(doc, dict):
+            raise ConfigError("--set: the configuration is not a mapping")
+        node = doc
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return doc
+
+
+def load_config(path: Path | None, overrides: Iterable[str] = ()) -> Config:
+    """Read ``path`` (YAML) into a validated :class:`Config`; ``None`` gives the embedded default
+    (:func:`default_raw`). ``overrides`` (``dotted.key=VALUE``) are applied before validation."""
     if path is None:
-        return parse_config(None)
+        overrides = list(overrides)
+        asked = apply_overrides({}, overrides).get("storage", {}).get("path")  # --set storage.path=...
+        home = Path(str(asked)).expanduser().resolve() if asked else default_storage_path()
+        cfg = parse_config(apply_overrides(default_raw(home), overrides))
+        return dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, path=home))
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -606,7 +725,7 @@ def load_config(path: Path | None) -> Config:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-    cfg = _folder_paths_relative_to(parse_config(raw), Path(path).parent)
+    cfg = _folder_paths_relative_to(parse_config(apply_overrides(raw, overrides)), Path(path).parent)
     if not cfg.storage.path.is_absolute():
         # Relative storage paths are relative to the config file, not to wherever the node was started.
         cfg = dataclasses.replace(

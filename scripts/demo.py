@@ -103,7 +103,7 @@ def main() -> int:
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="dicomnode-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    node_port, metrics_port, o_dicom, o_http = free_port(), free_port(), free_port(), free_port()
+    node_port, metrics_port, o_dicom, o_http, ui_port = (free_port() for _ in range(5))
     orthanc_cfg = {
         "Name": "dicomnode-demo", "DicomAet": "ORTHANC", "DicomPort": o_dicom, "HttpPort": o_http,
         "StorageDirectory": str(workdir / "orthanc" / "storage"), "IndexDirectory": str(workdir / "orthanc"),
@@ -123,6 +123,7 @@ def main() -> int:
         "destinations": [{"name": "orthanc", "ae_title": "ORTHANC", "host": "127.0.0.1", "port": o_dicom}],
         "pipelines": [pipe], "rules": [{"name": "ct", "pipelines": ["demo"], "match": {"modality": ["CT"]}}],
         "metrics": {"enabled": True, "port": metrics_port},
+        "ui": {"port": ui_port},
     }
     config = workdir / "dicomnode.yaml"
     config.write_text(yaml.safe_dump(node_cfg))
@@ -154,7 +155,8 @@ def main() -> int:
 
         wait(finished, 600, "the node to process the series")
         subprocess.run(status, cwd=REPO)
-        print(f"\nOrthanc Explorer: http://127.0.0.1:{o_http}/app/explorer.html  (outputs are in the study)")
+        print(f"\nstatus page:      http://127.0.0.1:{ui_port}/")
+        print(f"Orthanc Explorer: http://127.0.0.1:{o_http}/app/explorer.html  (outputs are in the study)")
         print(f"node status:      {' '.join(status)}")
         base = f"http://127.0.0.1:{metrics_port}"
         print(f"metrics, health:  {base}/metrics  {base}/health")

@@ -7,7 +7,8 @@ source scripts/venv.sh
 
 # Real peers and validators the tests talk to (Debian packages): Orthanc as the PACS (with its DICOMweb
 # plugin for STOW-RS), DCMTK as the modality, dicom3tools' dciodvfy, dcm2niix and plastimatch (reads RT
-# Structure Sets back) as validators, openssl for the TLS certificates, socat for HTTPS in front of Orthanc.
+# Structure Sets back) as validators, openssl for the TLS certificates, socat for HTTPS in front of Orthanc,
+# Chromium (headless) to look at the status page.
 missing=()
 command -v Orthanc >/dev/null || missing+=(orthanc)
 [ -x /usr/bin/storescu ] || missing+=(dcmtk)
@@ -17,6 +18,7 @@ command -v openssl >/dev/null || missing+=(openssl)
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 command -v plastimatch >/dev/null || missing+=(plastimatch)
 command -v socat >/dev/null || missing+=(socat)
+command -v chromium >/dev/null || missing+=(chromium)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 
 # Python (the virtualenv comes from scripts/venv.sh): the CPU build of torch first (an unpinned torch pulls

@@ -59,23 +59,37 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 
 
 class NodeProcess:
-    """``dicomnode serve`` as a child process with a config written from a dict."""
+    """``dicomnode serve`` as a child process with a config written from a dict, or (``config=None``) on the
+    embedded default with only the ``overrides`` (``--set KEY=VALUE``: ports, quiet period) and its data in
+    ``DICOMNODE_HOME`` = ``workdir/home``."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, workdir: Path, config: dict[str, Any] | None, *,
+                 overrides: dict[str, Any] | None = None) -> None:
         self.workdir = workdir
         self.config = config
-        self.port = int(config["node"]["port"])
-        self.config_path = workdir / "dicomnode.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = workdir / "node.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env = dict(os.environ)
+        if config is None:
+            self.home = workdir / "home"
+            self.env["DICOMNODE_HOME"] = str(self.home)
+            sets = {"node.port": free_port(), "ui.port": free_port(), **(overrides or {})}
+            self.port = int(sets["node.port"])
+            self.ui_port = int(sets["ui.port"])
+            self.config_args = [a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+        else:
+            self.port = int(config["node"]["port"])
+            self.ui_port = int(config.get("ui", {}).get("port", 8110))
+            self.config_path = workdir / "dicomnode.yaml"
+            self.config_path.write_text(yaml.safe_dump(config))
+            self.config_args = ["-c", str(self.config_path)]
         self.metrics_url = ""  # set by tests that enable metrics
 
     def start(self) -> NodeProcess:
         start = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
-        proc = subprocess.Popen([sys.executable, "-m", "dicomnode", "serve", "-c", str(self.config_path)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "dicomnode", "serve", *self.config_args],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
         self.proc = proc
 
         def serving() -> bool:  # the supervisor logs it once every receiver process listens
@@ -108,8 +122,8 @@ class NodeProcess:
             self.proc.wait(timeout=10)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "dicomnode", *args, "-c", str(self.config_path)],
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run([sys.executable, "-m", "dicomnode", *args, *self.config_args],
+                              capture_output=True, text=True, timeout=60, env=self.env)
 
     def status(self) -> dict[str, Any]:
         out = self.cli("status", "--json")
@@ -124,6 +138,7 @@ def node_config(workdir: Path, **sections: Any) -> dict[str, Any]:
         "storage": {"path": str(workdir / "data"), "min_free_mb": 1},
         "completion": {"quiet_seconds": 1.0},
         "worker": {"poll_seconds": 0.1, "backoff_seconds": 0.5, "backoff_max_seconds": 2.0},
+        "ui": {"port": free_port()},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):

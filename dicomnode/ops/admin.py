@@ -47,6 +47,21 @@ STATUS_SCHEMA = "dicomnode.status/1"
 JOBS_SCHEMA = "dicomnode.jobs/1"
 SHOW_SCHEMA = "dicomnode.show/1"
 PURGE_SCHEMA = "dicomnode.purge/1"
+SEND_SCHEMA = "dicomnode.send/1"
+ECHO_SCHEMA = "dicomnode.echo/1"
+RETRY_SCHEMA = "dicomnode.retry/1"
+CANCEL_SCHEMA = "dicomnode.cancel/1"
+COMPLETE_SCHEMA = "dicomnode.complete/1"
+PROCESS_SCHEMA = "dicomnode.process/1"
+CONVERT_SCHEMA = "dicomnode.convert/1"
+CONFIG_SCHEMA = "dicomnode.config/1"
+
+# Output kinds by SOP Class UID, in the order ``show`` and the status page list them.
+OUTPUT_KIND_ORDER = {"SEG": 0, "SR": 1, "SC": 2, "RTSTRUCT": 3}
+_SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+_RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+_SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants 1.2.840.10008.5.1.4.1.1.7.n
+_SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -59,6 +74,20 @@ class NotFound(DicomNodeError):
 
 class Refused(DicomNodeError):
     """The operation does not apply to the job or series in its current state."""
+
+
+def output_kind(sop_class_uid: str) -> str:
+    """``SEG``, ``SR``, ``SC`` (single or multi-frame Secondary Capture), ``RTSTRUCT``; ``IMAGE`` for anything
+    else (the instances a forward pipeline sends)."""
+    if sop_class_uid == _SEG_CLASS:
+        return "SEG"
+    if sop_class_uid == _RTSTRUCT_CLASS:
+        return "RTSTRUCT"
+    if sop_class_uid == _SC_CLASS or sop_class_uid.startswith(_SC_CLASS + "."):
+        return "SC"
+    if sop_class_uid.startswith(_SR_PREFIX):
+        return "SR"
+    return "IMAGE"
 
 
 def parse_duration(text: str) -> float:
@@ -111,10 +140,11 @@ def job_dict(store: Store, j: JobRow, now: float) -> dict[str, Any]:
             "deliveries": summary}
 
 
-def status_document(cfg: Config, *, now: float | None = None) -> dict[str, Any]:
-    """The ``status --json`` document; schema in the module docstring."""
+def status_document(cfg: Config, *, now: float | None = None, store: Store | None = None) -> dict[str, Any]:
+    """The ``status --json`` document; schema in the module docstring. ``store``: read this one (the
+    caller's) instead of opening the configured store."""
     now = time.time() if now is None else now
-    store = open_store(cfg)
+    store = open_store(cfg) if store is None else store
     queued = sorted(store.list_jobs(state=JobState.QUEUED, limit=100000), key=lambda j: j.created_at)
     oldest = None
     if queued:
@@ -140,10 +170,11 @@ def status_document(cfg: Config, *, now: float | None = None) -> dict[str, Any]:
 
 
 def jobs_document(cfg: Config, *, state: JobState | None = None, since: float | None = None,
-                  now: float | None = None, limit: int = 1000) -> dict[str, Any]:
-    """The ``jobs --json`` document (jobs updated at or after ``since``); schema in the module docstring."""
+                  now: float | None = None, limit: int = 1000, store: Store | None = None) -> dict[str, Any]:
+    """The ``jobs --json`` document (jobs updated at or after ``since``); schema in the module docstring.
+    ``store``: as for :func:`status_document`."""
     now = time.time() if now is None else now
-    store = open_store(cfg)
+    store = open_store(cfg) if store is None else store
     rows = store.list_jobs(state=state, since=since, limit=limit)
     return {"schema": JOBS_SCHEMA, "generated_at": now, "jobs": [job_dict(store, j, now) for j in rows]}
 
@@ -158,23 +189,26 @@ def _outputs(store: Store, job_id: int) -> list[dict[str, Any]]:
     """The job's objects (from its delivery ledger), each with its delivery state per destination."""
     by_sop: dict[str, dict[str, Any]] = {}
     for d in store.deliveries(job_id):
-        out = by_sop.setdefault(d.sop_uid, {"sop_uid": d.sop_uid, "path": d.path,
-                                            "sop_class_uid": d.sop_class_uid, "deliveries": []})
+        out = by_sop.setdefault(d.sop_uid, {"sop_uid": d.sop_uid, "kind": output_kind(d.sop_class_uid),
+                                            "path": d.path, "sop_class_uid": d.sop_class_uid,
+                                            "deliveries": []})
         out["deliveries"].append({"destination": d.destination, "state": d.state.value, "status": d.status,
                                   "detail": d.detail})
     return list(by_sop.values())
 
 
-def show_document(cfg: Config, key: str, *, now: float | None = None) -> dict[str, Any]:
+def show_document(cfg: Config, key: str, *, now: float | None = None, store: Store | None = None) -> dict[str, Any]:
     """``show JOB|SERIES``: a number is a job id, anything else a SeriesInstanceUID.
 
     ``{"schema": "dicomnode.show/1", "kind": "job", "job": {...jobs/1 item}, "series": {...} | null,
-    "outputs": [{"sop_uid", "path", "sop_class_uid", "deliveries": [{"destination", "state", "status",
-    "detail"}]}], "events": [{"ts", "kind", "job_id", "message"}]}``; for a series ``kind`` is ``"series"``,
-    ``jobs`` lists its jobs (each with its ``outputs``) and ``events`` its whole history.
+    "outputs": [{"sop_uid", "kind", "path", "sop_class_uid", "deliveries": [{"destination", "state", "status",
+    "detail"}]}], "events": [{"ts", "kind", "job_id", "message"}]}``; an output's ``kind`` is SEG, SR, SC,
+    RTSTRUCT or IMAGE (:func:`output_kind`); for a series ``kind`` is ``"series"``,
+    ``jobs`` lists its jobs (each with its ``outputs``) and ``events`` its whole history. ``store``: as for
+    :func:`status_document`.
     """
     now = time.time() if now is None else now
-    store = open_store(cfg)
+    store = open_store(cfg) if store is None else store
     if key.isdigit():
         job = store.get_job(int(key))
         if job is None:
@@ -237,7 +271,7 @@ def complete(cfg: Config, series_uid: str, *, now: float | None = None) -> dict[
     if not changed or series is None:
         state = series.state.value if series else "gone"
         raise Refused(f"series {series_uid} is {state}; only a RECEIVING series can be completed")
-    return {"series": series_dict(series, now),
+    return {"schema": COMPLETE_SCHEMA, "series": series_dict(series, now),
             "jobs": [job_dict(store, j, now) for j in store.list_jobs(series_uid=series_uid)]}
 
 
@@ -328,7 +362,8 @@ def send(cfg: Config, paths: list[Path], dest: Destination,
          on_progress: Callable[[int, int, StoreResult], None] | None = None) -> dict[str, Any]:
     """C-STORE every DICOM file under ``paths`` to ``dest`` with the node's SCU (its AE title and TLS).
 
-    ``on_progress(done, total, result)`` is called after each answer. Returns ``{"destination", "files",
+    ``on_progress(done, total, result)`` is called after each answer. Returns ``{"schema": "dicomnode.send/1",
+    "destination", "files",
     "stored", "failed", "statuses": {"0x0000": n, "none": n}, "failures": [{"path", "status", "detail"}]}``;
     warnings 0xB000/0xB006/0xB007 count as stored. Raises DeliveryError when no association can be made.
     """
@@ -364,6 +399,6 @@ def send(cfg: Config, paths: list[Path], dest: Destination,
                 for r in results if r.outcome is not Outcome.STORED]
     where = {"name": dest.name, "ae_title": dest.ae_title, "host": dest.host, "port": dest.port,
              "tls": dest.tls}
-    return {"destination": where,
+    return {"schema": SEND_SCHEMA, "destination": where,
             "files": len(files), "stored": len(results) - len(failures),
             "failed": len(files) - (len(results) - len(failures)), "statuses": statuses, "failures": failures}

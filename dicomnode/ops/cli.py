@@ -4,8 +4,14 @@ Every verb takes ``--config FILE`` (default: the embedded defaults) and ``--json
 stdout; schemas in :mod:`dicomnode.ops.admin`). Human output is a table on stdout; progress goes to stderr.
 Never imports torch (``process`` and ``convert`` import their pipelines lazily).
 
-Exit codes: 0 success; 1 the operation failed (unknown job or series, the operation does not apply, peer or
-node unreachable, a send with failures); 2 usage or configuration error (with ``--json`` an error document
+Without ``--config`` (or ``$DICOMNODE_CONFIG``, the path of a file) every verb uses the embedded default
+(:func:`dicomnode.config.default_raw`; print it with ``dicomnode config --print-defaults``); ``--set KEY=VALUE``
+overrides single keys of either (``--set node.port=11113``). Data live under ``storage.path``: by default
+``$DICOMNODE_HOME``, else ``~/.local/share/dicomnode``, whichever folder a verb is run from.
+
+Exit codes: 0 success (also when the reader of stdout stops early, as ``status | head`` does); 1 the operation
+failed (unknown job or series, the operation does not apply, peer or node unreachable, a missing input, a
+send with failures); 2 usage or configuration error (with ``--json`` an error document
 ``{"error": MESSAGE, "exit_code": N}`` is printed on stdout too); 130 interrupted.
 """
 
@@ -13,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -22,31 +30,33 @@ from typing import Any
 from dicomnode import __version__
 from dicomnode.config import Config, Destination, check_ae_title, load_config
 from dicomnode.errors import ConfigError, DicomNodeError
-from dicomnode.ops import admin
+from dicomnode.ops import admin, tables
 from dicomnode.ops.logs import configure_logging
 from dicomnode.ops.runtime import configure_libraries
-from dicomnode.outputs.scu import StoreResult
 from dicomnode.state.store import JobState
 
 STATUS_SCHEMA = admin.STATUS_SCHEMA
 
 
+CONFIG_ENV = "DICOMNODE_CONFIG"
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
+    """``--config FILE``, else ``$DICOMNODE_CONFIG`` when set, else None (the embedded default)."""
+    name = getattr(args, "config", None) or os.environ.get(CONFIG_ENV, "").strip()
+    return Path(name) if name else None
+
+
 def _config(args: argparse.Namespace) -> Config:
-    return load_config(Path(args.config) if getattr(args, "config", None) else None)
+    return load_config(_config_path(args), getattr(args, "set", None) or ())
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+def _existing(paths: Sequence[str], what: str) -> list[Path]:
+    """``paths`` as Paths; DicomNodeError naming the first that does not exist."""
+    for name in paths:
+        if not Path(name).exists():
+            raise DicomNodeError(f"{what} {name} does not exist")
+    return [Path(name) for name in paths]
 
 
 def _emit(args: argparse.Namespace, doc: Any) -> bool:
@@ -57,33 +67,9 @@ def _emit(args: argparse.Namespace, doc: Any) -> bool:
     return False
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    for row in [list(headers), *cells]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
 def status_document(cfg: Config, *, now: float | None = None) -> dict[str, Any]:
     """The ``status --json`` document (schema ``dicomnode.status/1``, see :mod:`dicomnode.ops.admin`)."""
     return admin.status_document(cfg, now=now)
-
-
-def _print_status(doc: dict[str, Any]) -> None:
-    counts = doc["counts"]
-    print("series: " + ", ".join(f"{k} {v}" for k, v in counts["series"].items()))
-    print("jobs:   " + ", ".join(f"{k} {v}" for k, v in counts["jobs"].items()))
-    oldest = doc["queue"]["oldest_waiting"]
-    if oldest:
-        waited = _age(oldest["waiting_seconds"])
-        print(f"oldest waiting job: {oldest['job_id']} ({oldest['pipeline']}) for {waited}")
-    if doc["backlog"]:
-        print("backlog (pending deliveries): " + ", ".join(f"{k} {v}" for k, v in doc["backlog"].items()))
-    if doc["series"]:
-        print()
-        _table(["SERIES UID", "MOD", "INST", "STATE", "AGE", "REASON"],
-               [[s["series_uid"], s["modality"], s["instances"], s["state"], _age(s["age_seconds"]),
-                 s["reason"]] for s in doc["series"]])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -95,7 +81,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             if args.watch and sys.stdout.isatty():
                 print("\033[H\033[J", end="")
-            _print_status(doc)
+            tables.print_status(doc)
             if args.watch:
                 print(f"\n(every {args.watch:g} s, Ctrl+C to stop)", flush=True)
         if not args.watch:
@@ -106,43 +92,18 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
 
 
-def _print_jobs(rows: list[dict[str, Any]]) -> None:
-    _table(["JOB", "STATE", "PIPELINE", "TRIES", "AGE", "DELIVERIES", "SERIES UID", "ERROR"],
-           [[j["id"], j["state"], j["pipeline"], j["attempts"], _age(j["age_seconds"]),
-             " ".join(f"{k}:{v}" for k, v in j["deliveries"].items()) or "-", j["series_uid"],
-             j["error"][:60]] for j in rows])
-
-
 def cmd_jobs(args: argparse.Namespace) -> int:
     cfg = _config(args)
     doc = admin.jobs_document(cfg, state=JobState(args.state) if args.state else None, since=args.since)
     if not _emit(args, doc):
-        _print_jobs(doc["jobs"]) if doc["jobs"] else print("no jobs")
+        tables.print_jobs(doc["jobs"]) if doc["jobs"] else print("no jobs")
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     doc = admin.show_document(_config(args), args.key)
-    if _emit(args, doc):
-        return 0
-    series = doc["series"]
-    if series:
-        print(f"series {series['series_uid']}: {series['modality']} {series['instances']} instance(s), "
-              f"{series['state']} (generation {series['generation']}) {series['reason']}")
-    job_docs = [doc["job"]] if doc["kind"] == "job" else doc["jobs"]
-    for job in job_docs:
-        print(f"\njob {job['id']}: {job['pipeline']} {job['state']}, {job['attempts']} attempt(s)"
-              + (f": {job['error']}" if job["error"] else ""))
-        outputs = doc["outputs"] if doc["kind"] == "job" else job["outputs"]
-        rows = [[o["sop_uid"], d["destination"], d["state"],
-                 "-" if d["status"] is None else f"0x{d['status']:04X}", d["detail"]]
-                for o in outputs for d in o["deliveries"]]
-        if rows:
-            _table(["  OUTPUT SOP UID", "DESTINATION", "STATE", "STATUS", "DETAIL"], rows)
-    print("\nevents:")
-    for e in doc["events"]:
-        job = "" if e["job_id"] is None else e["job_id"]
-        print(f"  {_when(e['ts'])}  {e['kind']:<18} {job:>4}  {e['message']}")
+    if not _emit(args, doc):
+        tables.print_show(doc)
     return 0
 
 
@@ -150,7 +111,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if args.failed == (args.job is not None):
         raise ConfigError("give either a job id or --failed")
     retried = admin.retry(_config(args), args.job)
-    if not _emit(args, {"retried": retried}):
+    if not _emit(args, {"schema": admin.RETRY_SCHEMA, "retried": retried}):
         ids = ", ".join(str(j["id"]) for j in retried)
         print(f"retried {len(retried)} job(s)" + (f": {ids}" if ids else ""))
     return 0
@@ -158,7 +119,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     job = admin.cancel(_config(args), args.job)
-    if not _emit(args, {"cancelled": job}):
+    if not _emit(args, {"schema": admin.CANCEL_SCHEMA, "cancelled": job}):
         print(f"job {job['id']} cancelled")
     return 0
 
@@ -169,7 +130,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
         s = doc["series"]
         print(f"series {s['series_uid']} is {s['state']}: {s['reason']}")
         if doc["jobs"]:
-            _print_jobs(doc["jobs"])
+            tables.print_jobs(doc["jobs"])
     return 0
 
 
@@ -197,17 +158,11 @@ def _destination_from_args(cfg: Config, args: argparse.Namespace) -> Destination
                        port=args.port, tls=bool(args.tls))
 
 
-def _progress_bar(done: int, total: int, result: StoreResult) -> None:
-    width = 30
-    filled = width * done // max(total, 1)
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {result.outcome.value:<9}",
-          end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-
 def cmd_send(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    paths = _existing(args.paths, "path")
     dest = _destination_from_args(cfg, args)
-    doc = admin.send(cfg, [Path(p) for p in args.paths], dest, on_progress=_progress_bar)
+    doc = admin.send(cfg, paths, dest, on_progress=tables.progress_bar)
     if not _emit(args, doc):
         statuses = ", ".join(f"{k} x{v}" for k, v in doc["statuses"].items())
         print(f"sent {doc['files']} file(s) to {dest.ae_title}@{dest.host}:{dest.port}: "
@@ -227,36 +182,97 @@ def cmd_echo(args: argparse.Namespace) -> int:
     status = echo(dest, scu_settings(cfg))
     ok = status == 0
     ms = 1000 * (time.monotonic() - started)
-    if not _emit(args, {"ae_title": dest.ae_title, "host": dest.host, "port": dest.port, "status": status,
-                        "ok": ok, "milliseconds": round(ms, 1)}):
+    if not _emit(args, {"schema": admin.ECHO_SCHEMA, "ae_title": dest.ae_title, "host": dest.host,
+                        "port": dest.port, "status": status, "ok": ok, "milliseconds": round(ms, 1)}):
         print(f"C-ECHO {dest.ae_title}@{dest.host}:{dest.port}: status 0x{status:04X} "
               f"({'success' if ok else 'failure'}) in {ms:.0f} ms")
     return 0 if ok else 1
 
 
-def cmd_process(args: argparse.Namespace) -> int:
-    from dicomnode.work.offline import process_series  # lazily: the image pipeline may import torch
+def _pipeline_name(cfg: Config, wanted: str | None) -> str:
+    """The pipeline ``process`` runs: ``wanted``, or the only one configured; else a message naming them."""
+    names = [p.name for p in cfg.pipelines]
+    if not names:
+        raise ConfigError("the configuration has no pipelines (dicomnode config --print-defaults shows the default)")
+    if wanted is None and len(names) == 1:
+        return names[0]
+    if wanted is None or wanted not in names:
+        head = "give --pipeline NAME" if wanted is None else f"unknown pipeline {wanted!r}"
+        raise ConfigError(f"{head}; pipelines available: {', '.join(names)}")
+    return wanted
 
+
+def cmd_process(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    (series_dir,) = _existing([args.series_dir], "series folder")
+    pipeline = _pipeline_name(cfg, args.pipeline)
+    from dicomnode.work.offline import process_series  # lazily: the image pipeline may import torch
 
     def progress(stage: str, fraction: float) -> None:
         print(f"[{100 * fraction:5.1f}%] {stage}", file=sys.stderr, flush=True)
 
-    written = process_series(Path(args.series_dir), args.pipeline, Path(args.out), cfg, progress)
-    if not _emit(args, {"pipeline": args.pipeline, "outputs": [str(p) for p in written]}):
+    try:
+        written = process_series(series_dir, pipeline, Path(args.out), cfg, progress)
+    except OSError as exc:
+        raise DicomNodeError(f"cannot write to {args.out}: {exc.strerror or exc}") from None
+    if not _emit(args, {"schema": admin.PROCESS_SCHEMA, "pipeline": pipeline,
+                        "outputs": [str(p) for p in written]}):
         for path in written:
             print(path)
     return 0
+
+
+def _nifti_target(name: str) -> Path:
+    """The output path of ``convert``: a .nii or .nii.gz file in an existing, writable folder."""
+    out = Path(name)
+    if not (out.name.endswith(".nii.gz") or out.name.endswith(".nii")) or out.name.startswith(".nii"):
+        raise ConfigError(f"{name}: the output must be a NIfTI file name ending in .nii.gz or .nii")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise DicomNodeError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise DicomNodeError(f"cannot write {out}: permission denied")
+    return out
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    (series_dir,) = _existing([args.series_dir], "series folder")
+    if not series_dir.is_dir():
+        raise DicomNodeError(f"{series_dir} is not a folder")
+    out = _nifti_target(args.out)
     from dicomnode.imaging.nifti import convert_series
 
-    written = convert_series(Path(args.series_dir), Path(args.out), mask=args.mask)
-    if not _emit(args, {"outputs": [str(p) for p in written]}):
+    try:
+        written = convert_series(series_dir, out, mask=args.mask)
+    except OSError as exc:
+        raise DicomNodeError(f"cannot write {out}: {exc.strerror or exc}") from None
+    if not _emit(args, {"schema": admin.CONVERT_SCHEMA, "outputs": [str(p) for p in written]}):
         for path in written:
             print(path)
     return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from dicomnode.ops.configdoc import config_yaml, to_raw
+
+    # --print-defaults: the embedded default (with --set applied and the storage path it resolves to here)
+    cfg = load_config(None, args.set or ()) if args.print_defaults else _config(args)
+    if not _emit(args, {"schema": admin.CONFIG_SCHEMA, "config": to_raw(cfg)}):
+        print(config_yaml(cfg), end="")
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from dicomnode.ops.probe import check
+
+    doc = check(_config(args), timeout=args.timeout)
+    if not _emit(args, doc):
+        state = "healthy" if doc["healthy"] else "NOT healthy"
+        detail = doc["detail"].get("error") or ", ".join(
+            f"{p['name']} {'up' if p.get('alive') else 'DOWN'}"
+            for role in ("receivers", "workers") for p in doc["detail"].get(role, []))
+        print(f"{state} ({doc['checked']})" + (f": {detail}" if detail else ""))
+    return 0 if doc["healthy"] else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -264,6 +280,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     configure_logging(cfg.logging.level, json_lines=cfg.logging.json or args.json)
+    if _config_path(args) is None:
+        logging.getLogger(__name__).info(
+            "no --config: running the embedded default (dicomnode config --print-defaults shows it); data in %s",
+            cfg.storage.path)
     return serve(cfg)
 
 
@@ -281,6 +301,16 @@ def _since(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is outside 1-65535")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicomnode", description="DICOM processing node")
     parser.add_argument("--version", action="version", version=f"dicomnode {__version__}")
@@ -288,8 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def verb(name: str, func: Any, text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--config", "-c", help="YAML configuration file (default: embedded defaults)")
+        p.add_argument("--config", "-c", help="YAML configuration file (default: $DICOMNODE_CONFIG, else the "
+                                                "embedded default: see dicomnode config --print-defaults)")
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override one configuration key, e.g. --set node.port=11113 (repeatable)")
         p.set_defaults(func=func)
         return p
 
@@ -315,23 +348,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--to", dest="destination", metavar="DEST", help="destination name from the config")
     p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("--port", type=_port)
     p.add_argument("--aet", help="called AE title")
     p.add_argument("--tls", action="store_true", help="use the node's TLS settings")
     p = verb("echo", cmd_echo, "C-ECHO a destination (by name, or --host/--port/--aet)")
     p.add_argument("destination", nargs="?", help="destination name from the config")
     p.add_argument("--host")
-    p.add_argument("--port", type=int)
+    p.add_argument("--port", type=_port)
     p.add_argument("--aet", help="called AE title")
     p.add_argument("--tls", action="store_true", help="use the node's TLS settings")
     p = verb("process", cmd_process, "run a pipeline on a series folder, without a node or a PACS")
     p.add_argument("series_dir", metavar="SERIES_DIR")
-    p.add_argument("--pipeline", required=True, help="pipeline name from the config")
+    p.add_argument("--pipeline", help="pipeline name from the config (default: the only one there is)")
     p.add_argument("--out", required=True, help="output folder")
     p = verb("convert", cmd_convert, "write a series folder as NIfTI (optionally with a mask)")
     p.add_argument("series_dir")
     p.add_argument("out", help="output .nii.gz path")
     p.add_argument("--mask", choices=["lung", "body", "brain"])
+    p = verb("health", cmd_health, "is the node up? asks its /health (metrics or status page) or C-ECHOes it")
+    p.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to wait (default 5)")
+    p = verb("config", cmd_config, "print the effective configuration as YAML, ready to edit")
+    p.add_argument("--print-defaults", action="store_true", help="the embedded default instead")
     return parser
 
 
@@ -354,6 +391,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, str(exc), 1)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (status | head): not a failure. Point stdout at /dev/null so the interpreter's
+        # final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -5,12 +5,17 @@ Structured context: pass ``extra={"job_id": 7, "series_uid": "1.2..."}`` or wrap
 ``[job=7 series=1.2...]`` suffix of text lines); any other ``extra`` key is ignored by the formatters, so a
 patient attribute slipped into ``extra`` is never written. INFO lines carry UIDs and AE titles, never patient
 names, IDs or birth dates.
+
+Libraries: Python warnings go through logging (logger ``py.warnings``) so that :class:`LibraryFilter` sees
+them: highdicom's person-name warning (which quotes the patient's name) is logged without the name, at DEBUG;
+highdicom's INFO chatter (dozens of lines per job) is DEBUG too; pynetdicom logs at WARNING unless debugging.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
@@ -61,9 +66,41 @@ def context_logger(logger: logging.Logger, **context: Any) -> ContextAdapter:
     return ContextAdapter(logger, context)
 
 
+# highdicom.valuerep.check_person_name: 'The string "<the name>" is unlikely to represent the intended person name'
+_PERSON_NAME_WARNING = re.compile(r'The string ".*?" is unlikely to represent the intended person name', re.DOTALL)
+_WITHHELD = "a person name without a caret (the value is withheld) is unlikely to represent the intended person name"
+_CHATTY_LIBRARIES = ("highdicom",)
+
+
+class LibraryFilter(logging.Filter):
+    """A handler filter for what libraries log: removes the patient's name from highdicom's person-name
+    warning and demotes it, like highdicom's INFO records, to DEBUG (dropped unless ``debug``)."""
+
+    def __init__(self, *, debug: bool) -> None:
+        super().__init__()
+        self.debug = debug
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        demote = False
+        if record.name == "py.warnings":
+            text = record.getMessage()
+            if _PERSON_NAME_WARNING.search(text):
+                first = _PERSON_NAME_WARNING.sub(_WITHHELD, text).splitlines()[0]  # drop the quoted source line
+                record.msg, record.args = first, None
+                demote = True
+        elif record.levelno == logging.INFO and record.name.split(".")[0] in _CHATTY_LIBRARIES:
+            demote = True
+        if demote:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return self.debug
+        return True
+
+
 def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
-    """Send log records to stderr, as text lines or one JSON object per line."""
+    """Send log records (and Python warnings) to stderr, as text lines or one JSON object per line."""
+    logging.captureWarnings(True)
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(LibraryFilter(debug=level == "DEBUG"))
     if json_lines:
         handler.setFormatter(JsonFormatter())
     else:

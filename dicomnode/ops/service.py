@@ -11,6 +11,7 @@ their current job.
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 import signal
@@ -23,6 +24,7 @@ from typing import Any
 
 from dicomnode.config import Config
 from dicomnode.ops.http import start_http_server
+from dicomnode.ops.web.server import StatusPage
 from dicomnode.outputs.scu import ScuSettings, client_ssl_context
 from dicomnode.receive.scp import ReceiveContext, listen, start_server
 from dicomnode.state.recovery import recover, requeue_dead_workers
@@ -230,6 +232,7 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
     if cfg.metrics.enabled:
         metrics.prepare_multiprocess(cfg)  # before any child is spawned: they inherit the directory
     listener = listen(cfg)  # before anything else: a port in use is the first error to report
+    page = StatusPage(cfg) if cfg.ui.enabled else None  # binds ui.port now: in use, serve fails here too
     store = Store(cfg.db_path)
     report = recover(store, open_spool(cfg), reprocess_late=cfg.completion.on_late_instance.value == "reprocess")
     log.info("recovered: %s", report)
@@ -260,6 +263,8 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
         started_at = time.time()
         http = start_http_server(cfg.metrics.host, cfg.metrics.port, cfg.db_path,
                                          lambda: _health(children, started_at))
+    if page is not None:
+        page.start(functools.partial(_health, children, time.time()))
     log.info("dicomnode %s serving on %s:%d with %d receiver(s) and %d worker(s)", cfg.node.ae_title,
              cfg.node.host, cfg.node.port, cfg.node.receivers, cfg.worker.workers)
     if ready is not None:
@@ -279,5 +284,7 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
     if http is not None:
         http.shutdown()
         http.server_close()
+    if page is not None:
+        page.stop()
     log.info("stopped")
     return 0

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from dicomnode.config import Config, Destination, PipelineConfig
 from dicomnode.errors import DeliveryError, PipelineError, TransientError
@@ -74,6 +75,7 @@ def run_job(job: JobRow, ctx: PipelineContext, owned: Proceed = always) -> None:
             jobs.add_deliveries(ctx.store, job.id, dest_name, files, now=now)
         jobs.set_outputs_ready(ctx.store, job.id, now=now,
                                message=f"{len(files)} object(s) ready for {', '.join(pipe.destinations) or 'nobody'}")
+        _log_outputs(job, pipe, files)
     refused: list[str] = []  # permanent: the destination said no, or will never accept
     transient: list[str] = []
     for dest_name in pipe.destinations:
@@ -96,6 +98,15 @@ def run_job(job: JobRow, ctx: PipelineContext, owned: Proceed = always) -> None:
 def _check_owned(job: JobRow, owned: Proceed, when: str) -> None:
     if not owned():
         raise JobReleased(f"job {job.id} is no longer this worker's (cancelled or taken over); stopped {when}")
+
+
+def _log_outputs(job: JobRow, pipe: PipelineConfig, files: list[OutboundFile]) -> None:
+    """Where the job's objects are before delivery (outbox folders, or the spool for a forward job)."""
+    folders = sorted({str(Path(f.path).parent) for f in files})
+    where = "-" if not folders else folders[0] if len(folders) == 1 else \
+        f"{len(folders)} folders under {Path(folders[0]).parent}"
+    log.info("job %d: %d object(s) in %s; destinations: %s", job.id, len(files), where,
+             ", ".join(pipe.destinations) or "none (they stay in the outbox)")
 
 
 def _produce(job: JobRow, pipe: PipelineConfig, ctx: PipelineContext) -> list[OutboundFile]:

@@ -20,13 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicomnode.errors import DicomNodeError, PipelineError
+from dicomnode.config import Config
+from dicomnode.errors import ConfigError, DicomNodeError, PipelineError
 from dicomnode.imaging.completeness import judge_stack
 from dicomnode.state import jobs
 from dicomnode.state.jobs import Backoff, Route
 from dicomnode.state.owners import OwnerLock
 from dicomnode.state.recovery import requeue_dead_workers
-from dicomnode.state.store import JobRow, JobState, SeriesRow, Store
+from dicomnode.state.store import JobRow, JobState, SeriesRow, SeriesState, Store
 from dicomnode.work.pipeline import PipelineContext, run_job
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,14 @@ class EvidenceMemo:
         return evidence.complete, evidence.reason
 
 
+def _where(cfg: Config, name: str) -> str:
+    """A destination for the log: its name and address (no credentials)."""
+    try:
+        return cfg.destination(name).where()
+    except ConfigError:
+        return name
+
+
 @dataclass(frozen=True)
 class StepResult:
     promoted: tuple[str, ...]
@@ -107,12 +116,23 @@ class Worker:
         requeued = requeue_dead_workers(store, now=now) + jobs.requeue_expired(store, now=now)
         promoted = jobs.promote(store, self.router, now=now, quiet_seconds=cfg.completion.quiet_seconds,
                                 on_release=cfg.completion.on_release, evidence=self.evidence)
+        for series_uid in promoted:
+            self._log_promoted(series_uid)
         job = jobs.claim(store, self.owner, now=now, lease_seconds=cfg.worker.lease_seconds)
         if job is None:
             return StepResult(tuple(promoted), tuple(requeued), None, None)
         clock = _step_clock(now)
         state = self._run(job, clock)
         return StepResult(tuple(promoted), tuple(requeued), job.id, state)
+
+    def _log_promoted(self, series_uid: str) -> None:
+        """One INFO line per series judged complete: why, and which pipelines (or why it is ignored)."""
+        series = self.ctx.store.get_series(series_uid)
+        if series is None:
+            return
+        what = "ignored" if series.state is SeriesState.IGNORED else "complete"
+        log.info("series %s (%s, %d instance(s)) %s: %s", series_uid, series.modality or "?", series.n_instances,
+                 what, series.reason.removeprefix("complete: "))
 
     def _run(self, job: JobRow, clock: Callable[[], float]) -> JobState:
         started = time.monotonic()
@@ -122,6 +142,7 @@ class Worker:
                                 name=f"lease-{job.id}")
         beat.start()
         error: DicomNodeError | None = None
+        log.info("job %d: pipeline %s on series %s (attempt %d)", job.id, job.pipeline, job.series_uid, job.attempts)
         try:
             run_job(job, self.ctx, owned=lambda: self._owns(job.id, lost, clock))
         except DicomNodeError as exc:
@@ -137,6 +158,7 @@ class Worker:
         elapsed = time.monotonic() - started
         log.info("job %d pipeline=%s series=%s -> %s in %.2f s%s", job.id, job.pipeline, job.series_uid,
                  state.value, elapsed, f": {error}" if error else "")
+        self._log_deliveries(job)
         if self.on_job_done is not None:
             self.on_job_done(job, state, elapsed)
         return state
@@ -153,6 +175,16 @@ class Worker:
         why = "gone" if row is None else f"{row.state.value}, lease of {row.lease_owner or 'nobody'}"
         log.warning("job %d is no longer this worker's (%s): stopping, sending nothing more", job_id, why)
         return False
+
+    def _log_deliveries(self, job: JobRow) -> None:
+        """Where the job's results went: one INFO line per destination with its objects by delivery state."""
+        by_dest: dict[str, dict[str, int]] = {}
+        for d in self.ctx.store.deliveries(job.id):
+            states = by_dest.setdefault(d.destination, {})
+            states[d.state.value] = states.get(d.state.value, 0) + 1
+        for name, states in by_dest.items():
+            counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+            log.info("job %d: results for %s: %s", job.id, _where(self.ctx.config, name), counts)
 
     def _heartbeat(self, job_id: int, stop: threading.Event, lost: threading.Event,
                    clock: Callable[[], float]) -> None:
