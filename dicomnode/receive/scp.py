@@ -26,6 +26,7 @@ calling-AE-title-not-recognized).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -115,6 +116,24 @@ def _header_with_pydicom(path: Path, size: int, transfer_syntax: str) -> Header:
     return header
 
 
+# Photometric interpretations whose chroma is sampled once per two pixels of a row: in native (uncompressed)
+# encoding each pair of pixels carries Y Y Cb Cr, two samples per pixel instead of three (PS3.3 C.7.6.3.1.2).
+_HALF_CHROMA = {"YBR_FULL_422", "YBR_PARTIAL_422"}
+
+
+def expected_pixel_bytes(values: dict[str, str | int]) -> int:
+    """Bytes of native Pixel Data an image's description calls for (PS3.5 8.1.1, PS3.3 C.7.6.3.1.2):
+    Rows x Columns x frames x samples x Bits Allocated, in bits, rounded up to whole bytes (Bits Allocated 1
+    packs 8 pixels per byte), with two samples per pixel for the 4:2:2 YBR interpretations. The value's pad byte
+    to an even length is not counted. Raises KeyError/ValueError when the description cannot be read."""
+    frames = int(str(values.get("NumberOfFrames") or 1))
+    samples = int(values.get("SamplesPerPixel", 1))
+    if samples == 3 and str(values.get("PhotometricInterpretation", "")).strip() in _HALF_CHROMA:
+        samples = 2
+    bits = int(values["Rows"]) * int(values["Columns"]) * frames * samples * int(values["BitsAllocated"])
+    return (bits + 7) // 8
+
+
 def _pixel_problem(header: Header, transfer_syntax: str) -> str | None:
     """Cheap check of an image's pixel data (lengths only, nothing decoded): catches truncation."""
     values = header.values
@@ -125,16 +144,13 @@ def _pixel_problem(header: Header, transfer_syntax: str) -> str | None:
     if header.pixel_tag != PIXEL_DATA or transfer_syntax not in _UNCOMPRESSED:
         return None
     try:
-        frames = int(str(values.get("NumberOfFrames") or 1))
-        expected = (int(values["Rows"]) * int(values["Columns"]) * frames * int(values.get("SamplesPerPixel", 1))
-                    * int(values["BitsAllocated"]) // 8)
+        expected = expected_pixel_bytes(values)
     except (KeyError, ValueError) as exc:
         return f"image pixel description cannot be read: {type(exc).__name__}: {exc}"
     if header.pixel_length is None:
         return "native Pixel Data of undefined length"
     if header.pixel_available < expected:
-        have = header.pixel_available
-        return f"Pixel Data has {have} bytes, Rows x Columns x frames x samples x bits needs {expected}"
+        return f"Pixel Data has {header.pixel_available} bytes, the image description needs {expected}"
     return None
 
 
@@ -205,6 +221,14 @@ def file_meta(request: StoreRequest, source_aet: str) -> bytes:
     return b"\x00" * 128 + b"DICM" + _meta_element(2, 0x0000, b"UL", struct.pack("<L", len(elements))) + elements
 
 
+def _resource_problem(exc: OutOfSpace | OSError) -> tuple[int, str, str]:
+    """(status, comment for the peer, detail for the log) of a failed spool write: the peer learns what went
+    wrong, never where (the spool's paths stay in the log)."""
+    if isinstance(exc, OutOfSpace) or exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OUT_OF_RESOURCES, "out of space", str(exc)
+    return OUT_OF_RESOURCES, "cannot write the instance to disk", f"cannot write spool file: {exc}"
+
+
 class _SpoolSink:
     """One C-STORE data set on its way into the spool (see :class:`dicomnode.receive.upper_layer.DataSink`)."""
 
@@ -213,21 +237,26 @@ class _SpoolSink:
         self.refusal: tuple[int, str] | None = None
         self.incoming: IncomingFile | None = None
         self.meta_length = 0
-        if not (is_valid_uid(request.sop_instance_uid) and request.sop_class_uid):
-            self.refusal = (CANNOT_UNDERSTAND, "the C-STORE request lacks a valid Affected SOP Instance UID")
+        if not (is_valid_uid(request.sop_instance_uid) and is_valid_uid(request.sop_class_uid)):
+            self.refusal = (CANNOT_UNDERSTAND, "the C-STORE request lacks a valid Affected SOP Class/Instance UID")
             return
         try:
             self.incoming = ctx.take_spare(assoc)
             preamble_and_meta = file_meta(request, assoc.calling_aet)
             self.meta_length = len(preamble_and_meta)
             self.incoming.write(preamble_and_meta)
-        except OutOfSpace as exc:
-            self._refuse(OUT_OF_RESOURCES, str(exc))
-        except OSError as exc:
-            self._refuse(OUT_OF_RESOURCES, f"cannot write spool file: {exc}")
+        except (OutOfSpace, OSError) as exc:
+            self._refuse(*_resource_problem(exc))
+        except BaseException:
+            self._refuse(OUT_OF_RESOURCES, "internal error")  # never leave the spool file open behind us
+            raise
 
-    def _refuse(self, status: int, reason: str) -> None:
-        self.refusal = (status, reason)
+    def _refuse(self, status: int, comment: str, detail: str = "") -> None:
+        """Refuse the instance: ``comment`` goes to the peer, ``detail`` (paths and all) only to the log."""
+        self.refusal = (status, comment)
+        if detail:
+            log.log(logging.ERROR if status == OUT_OF_RESOURCES else logging.WARNING,
+                    "C-STORE from %s: %s", self.assoc.peer, detail)
         if self.incoming is not None:
             self.incoming.discard()
             self.incoming = None
@@ -237,10 +266,8 @@ class _SpoolSink:
             return  # refused: the rest of the data set is read and dropped
         try:
             self.incoming.write(fragment)
-        except OutOfSpace as exc:
-            self._refuse(OUT_OF_RESOURCES, str(exc))
-        except OSError as exc:
-            self._refuse(OUT_OF_RESOURCES, f"cannot write spool file: {exc}")
+        except (OutOfSpace, OSError) as exc:
+            self._refuse(*_resource_problem(exc))
 
     def abandon(self) -> None:
         if self.incoming is not None:
@@ -266,12 +293,11 @@ class _SpoolSink:
         except _Reject as rej:
             incoming.discard()
             return rej.status, str(rej)
-        except OutOfSpace as exc:
+        except (OutOfSpace, OSError) as exc:
             incoming.discard()
-            return OUT_OF_RESOURCES, str(exc)
-        except OSError as exc:
-            incoming.discard()
-            return OUT_OF_RESOURCES, f"cannot write spool file: {exc}"
+            status, comment, detail = _resource_problem(exc)
+            log.error("C-STORE from %s: %s", self.assoc.peer, detail)
+            return status, comment
         try:
             outcome, moved = ctx.store.record_instance(
                 meta, spooled.path, spooled.size, now=time.time(),
@@ -279,7 +305,8 @@ class _SpoolSink:
         except Exception as exc:  # never answer success without a row
             # The file stays: it is complete and durable (it may be the replacement of an earlier acknowledged
             # copy under the same name), and start-up recovery records any spool file that has no row.
-            return OUT_OF_RESOURCES, f"state store unavailable: {exc}"
+            log.error("C-STORE from %s: state store unavailable: %s", self.assoc.peer, exc)
+            return OUT_OF_RESOURCES, "state store unavailable"
         if moved:
             try:
                 os.unlink(moved)
@@ -362,11 +389,15 @@ class ReceiveContext:
         series = assoc.session.series
         log.info("association from %s released: %d instance(s) stored in %d series", assoc.peer,
                  assoc.session.stored, len(series))
-        if series:
-            self.store.mark_released(sorted(series), now=time.time())
+        try:
+            if series:
+                self.store.mark_released(sorted(series), now=time.time())
+        finally:
+            self.store.close()  # this association thread's connection: closed now, not when collected
 
     def aborted(self, assoc: Association[StoreSession]) -> None:
         self._drop_spare(assoc)
+        self.store.close()
 
 
 def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:

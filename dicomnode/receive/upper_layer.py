@@ -42,6 +42,8 @@ from pynetdicom.pdu_primitives import (
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
+from dicomnode.state.spool import is_valid_uid
+
 log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
@@ -53,7 +55,7 @@ ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ, P_DATA_TF, RELEASE_RQ, RELEASE_RP, ABO
 # DIMSE command fields (PS3.7 E.1) and the statuses this layer answers by itself
 C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
 NO_DATA_SET = 0x0101
-SUCCESS, UNRECOGNIZED_OPERATION, CANNOT_UNDERSTAND = 0x0000, 0x0211, 0xC000
+SUCCESS, UNRECOGNIZED_OPERATION, MISTYPED_ARGUMENT, CANNOT_UNDERSTAND = 0x0000, 0x0211, 0x0212, 0xC000
 
 # A-ASSOCIATE-RJ (result, source, reason) and the names metrics and logs use for them (PS3.8 9.3.4)
 REJECT_NO_REASON = (1, 1, 1)
@@ -207,9 +209,13 @@ def _us(value: int) -> bytes:
 
 def encode_response(command_field: int, message_id: int, status: int, sop_class_uid: str = "",
                     sop_instance_uid: str = "", comment: str = "") -> bytes:
-    """A DIMSE-C response command set (implicit VR little endian, group 0000, tags ascending)."""
+    """A DIMSE-C response command set (implicit VR little endian, group 0000, tags ascending).
+
+    The Affected SOP Class/Instance UIDs are optional in a response (PS3.7 9.3): one that is not a valid UID is
+    left out rather than echoed, so whatever a peer sent, encoding its response cannot fail.
+    """
     body = b""
-    if sop_class_uid:
+    if sop_class_uid and is_valid_uid(sop_class_uid):
         body += _element(0x0000, 0x0002, _pad_uid(sop_class_uid))
     body += _element(0x0000, 0x0100, _us(command_field | 0x8000))
     body += _element(0x0000, 0x0120, _us(message_id))
@@ -217,7 +223,7 @@ def encode_response(command_field: int, message_id: int, status: int, sop_class_
     body += _element(0x0000, 0x0900, _us(status))
     if comment and status not in (SUCCESS,):
         body += _element(0x0000, 0x0902, _pad_text(comment[:64]))  # Error Comment, LO
-    if sop_instance_uid:
+    if sop_instance_uid and is_valid_uid(sop_instance_uid):
         body += _element(0x0000, 0x1000, _pad_uid(sop_instance_uid))
     return _element(0x0000, 0x0000, struct.pack("<L", len(body))) + body
 
@@ -249,6 +255,15 @@ def _cmd_us(cmd: dict[int, bytes], tag: int, default: int | None = None) -> int:
 
 def _cmd_text(cmd: dict[int, bytes], tag: int) -> str:
     return cmd.get(tag, b"").decode("ascii", "replace").rstrip("\x00 ").lstrip(" ")
+
+
+def _cmd_uid(cmd: dict[int, bytes], tag: int) -> str | None:
+    """The UID at ``tag`` ("" when absent); None when it is present and not a valid UID (non-ASCII included)."""
+    raw = cmd.get(tag)
+    if raw is None:
+        return ""
+    text = raw.rstrip(b"\x00").decode("ascii", "replace")  # UI is padded with one NUL; no other trimming
+    return text if is_valid_uid(text) else None
 
 
 def pdata_pdus(context_id: int, payload: bytes, is_command: bool, peer_max_pdu: int) -> list[bytes]:
@@ -350,6 +365,7 @@ class _Acceptor:
         self.pending: dict[int, bytes] | None = None  # decoded command whose data set is arriving
         self.sink: DataSink | None = None
         self.sink_context = 0
+        self.refusal: tuple[int, str] | None = None  # the pending C-STORE was refused before its data set came
 
     def run(self) -> None:
         try:
@@ -555,33 +571,42 @@ class _Acceptor:
         if field_ == C_CANCEL_RQ:
             return  # nothing of ours can be cancelled: C-STORE and C-ECHO answer at once
         message_id = _cmd_us(cmd, 0x00000110)
+        sop_class, sop_instance = _cmd_uid(cmd, 0x00000002), _cmd_uid(cmd, 0x00001000)
         if field_ == C_ECHO_RQ and not has_data:
-            self._send_command(context_id, encode_response(C_ECHO_RQ, message_id, SUCCESS,
-                                                           _cmd_text(cmd, 0x00000002) or VERIFICATION))
+            status = SUCCESS if sop_class is not None else MISTYPED_ARGUMENT
+            self._send_command(context_id, encode_response(C_ECHO_RQ, message_id, status, sop_class or VERIFICATION,
+                                                           comment="invalid Affected SOP Class UID"))
             return
         if not has_data:
             status = CANNOT_UNDERSTAND if field_ == C_STORE_RQ else UNRECOGNIZED_OPERATION
-            self._send_command(context_id, encode_response(field_, message_id, status,
-                                                           _cmd_text(cmd, 0x00000002), _cmd_text(cmd, 0x00001000)))
+            self._send_command(context_id, encode_response(field_, message_id, status, sop_class or "",
+                                                           sop_instance or ""))
             return
-        self.pending, self.sink_context = cmd, context_id
-        if field_ == C_STORE_RQ:
-            abstract, transfer_syntax = assoc.contexts[context_id]
-            request = StoreRequest(
-                message_id=message_id, sop_class_uid=_cmd_text(cmd, 0x00000002) or abstract,
-                sop_instance_uid=_cmd_text(cmd, 0x00001000), transfer_syntax=transfer_syntax,
-                context_id=context_id, priority=_cmd_us(cmd, 0x00000700, 0),
-                move_originator_aet=_cmd_text(cmd, 0x00001030))
-            self.sink = self.handler.open_store(assoc, request)
+        self.pending, self.sink_context, self.refusal = cmd, context_id, None
+        if field_ != C_STORE_RQ:
+            return
+        if sop_class is None or not sop_instance:
+            which = "Class" if sop_class is None else "Instance"
+            self.refusal = (CANNOT_UNDERSTAND, f"invalid Affected SOP {which} UID")
+            log.warning("C-STORE from %s refused with 0x%04X: %s", assoc.peer, CANNOT_UNDERSTAND, self.refusal[1])
+            return
+        abstract, transfer_syntax = assoc.contexts[context_id]
+        request = StoreRequest(
+            message_id=message_id, sop_class_uid=sop_class or abstract, sop_instance_uid=sop_instance,
+            transfer_syntax=transfer_syntax, context_id=context_id, priority=_cmd_us(cmd, 0x00000700, 0),
+            move_originator_aet=_cmd_text(cmd, 0x00001030))
+        self.sink = self.handler.open_store(assoc, request)
 
     def _answer_with_data(self, context_id: int, cmd: dict[int, bytes], sink: DataSink | None) -> None:
         field_ = _cmd_us(cmd, 0x00000100)
         message_id = _cmd_us(cmd, 0x00000110)
-        sop_class, sop_instance = _cmd_text(cmd, 0x00000002), _cmd_text(cmd, 0x00001000)
-        if sink is None:
-            status, comment = UNRECOGNIZED_OPERATION, "only C-ECHO and C-STORE are served here"
-        else:
+        sop_class, sop_instance = _cmd_uid(cmd, 0x00000002) or "", _cmd_uid(cmd, 0x00001000) or ""
+        if sink is not None:
             status, comment = sink.finish()
+        elif self.refusal is not None:
+            status, comment = self.refusal
+        else:
+            status, comment = UNRECOGNIZED_OPERATION, "only C-ECHO and C-STORE are served here"
         self._send_command(context_id, encode_response(field_, message_id, status, sop_class, sop_instance, comment))
         if sink is not None:
             self.handler.answered(cast(Association[Any], self.assoc))
