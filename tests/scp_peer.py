@@ -17,8 +17,8 @@ from pynetdicom.presentation import build_context
 
 from dicomnode.config import parse_config
 from dicomnode.ops.service import open_spool
+from dicomnode.receive.dimse import decode_command
 from dicomnode.receive.scp import ReceiveContext, start_server
-from dicomnode.receive.upper_layer import decode_command
 from dicomnode.state.store import Store
 from tests.peers import node_config
 

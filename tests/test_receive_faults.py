@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
-from dicomnode.receive.upper_layer import pdata_pdus
+from dicomnode.receive.pdu import pdata_pdus
 from dicomnode.state.spool import is_valid_uid
 from tests.conftest import series_dir
 from tests.peers import wait_until
@@ -226,15 +227,31 @@ def test_fault10_out_of_space_comment_names_no_path(tmp_path: Path, caplog: Any)
 def test_fault10_malformed_associate_requests_log_one_line_per_peer(scp: Any, caplog: Any) -> None:
     s = scp()
     good = associate_rq(CT_CONTEXT)
-    bad = good.replace(CTImageStorage.encode(), CTImageStorage[:-1].encode() + b"\xc4")
+    # an item that claims more bytes than the PDU holds: the request cannot be decoded
+    body = good[6:] + b"\x20\x00\xff\xff" + "\u00c4".encode("latin-1") * 8
+    bad = struct.pack(">BxL", 1, len(body)) + body
     with caplog.at_level(logging.DEBUG):
         for _ in range(5):
             with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
                 sock.sendall(bad)
-                pdu_type, _ = read_pdu(sock)
-                assert pdu_type in (0x03, 0x07)  # rejected or aborted, never accepted
+                assert read_pdu(sock)[0] == 0x07  # A-ABORT
         _idle(s)
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert not [r for r in caplog.records if r.exc_info], "no traceback for a malformed request"
     assert not [r for r in loud if r.levelno >= logging.ERROR]
     assert len([r for r in loud if "127.0.0.1" in r.getMessage()]) == 1, [r.getMessage() for r in loud]
+
+
+def test_a_non_ascii_abstract_syntax_rejects_its_context_only(scp: Any, caplog: Any) -> None:
+    s = scp()
+    good = associate_rq(CT_CONTEXT)
+    bad = good.replace(CTImageStorage.encode(), CTImageStorage[:-1].encode() + b"\xc4")
+    with caplog.at_level(logging.DEBUG), socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+        sock.sendall(bad)
+        pdu_type, body = read_pdu(sock)
+        assert pdu_type == 0x02
+        results = {body[i + 4]: body[i + 6] for i in range(68, len(body) - 4) if body[i] == 0x21 and
+                   body[i + 5] == 0}  # presentation context results: id -> result
+        assert results.get(1) == 3 and results.get(3) == 0  # abstract syntax not supported; Verification
+        _release(sock)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
