@@ -30,7 +30,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from dicomnode.receive.acse import AssociateRequest, decode_associate_rq
 from dicomnode.receive.dimse import encode_response, parse_command
 from dicomnode.receive.header import HeaderError, read_header
-from dicomnode.receive.negotiation import Acceptance, Capabilities, negotiate, registered_in_dicom
+from dicomnode.receive.negotiation import Acceptance, Capabilities, negotiate, other_service_in_dicom
 from dicomnode.receive.pdu import MAX_ASSOCIATE_RQ, PduSplitter, ProtocolError, pdata_pdus
 from dicomnode.receive.upper_layer import AcceptorSettings
 from dicomnode.state.spool import is_valid_uid
@@ -47,7 +47,8 @@ AES = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_char
 SETTINGS = AcceptorSettings(ae_title="DICOMNODE", max_pdu=16384, implementation_uid="1.2.3.4",
                             implementation_version="FUZZ")
 CAPS = Capabilities(sop_classes=frozenset({CTImageStorage, Verification}),
-                    transfer_syntaxes=("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"), is_registered=registered_in_dicom)
+                    transfer_syntaxes=("1.2.840.10008.1.2", "1.2.840.10008.1.2.1"),
+                    is_other_service=other_service_in_dicom)
 
 
 def _pdu(pdu_type: int, body: bytes) -> bytes:

@@ -17,6 +17,8 @@ import pytest
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from dicomnode.config import parse_config
+from dicomnode.errors import ConfigError
 from tests.conftest import series_dir
 from tests.peers import NodeProcess, node_config, stored_count, storescu, wait_until
 from tests.scp_peer import raw_associate, read_pdu
@@ -170,3 +172,10 @@ def test_an_association_trickling_inside_a_pdu_is_aborted_at_the_network_deadlin
         wait_until(lambda: "network timeout: no progress" in node.log(), 5, "the reason in the log")
     finally:
         node.stop()
+
+
+@pytest.mark.parametrize(("key", "value"), [("max_pending_connections", 0), ("acse_timeout", 0),
+                                            ("network_timeout", -1)])
+def test_limits_are_checked_at_start_up(tmp_path: Path, key: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=f"node.{key}"):
+        parse_config(node_config(tmp_path, node={key: value}))

@@ -4,16 +4,17 @@ it with an answer for every presentation context and every negotiation item the 
 - Presentation contexts: Verification and the storage SOP classes the node knows are accepted in the first
   transfer syntax of :attr:`Capabilities.transfer_syntaxes` the requestor proposes (else result 4, transfer
   syntaxes not supported). A valid UID that DICOM's registry does not know (a private or newer storage SOP
-  class) is accepted the same way when ``accept_unknown`` is set; a known SOP class that is not storage (query,
-  worklist, ...) and an invalid UID get result 3, abstract syntax not supported.
+  class, or one pynetdicom does not list) is accepted the same way when ``accept_unknown`` is set; a registered
+  UID that is not a storage SOP class (query, worklist, ...) and an invalid UID get result 3, abstract syntax
+  not supported.
 - SCP/SCU role selection: the requestor may be SCU (the default); it may not be SCP (this receiver never sends
   C-STOREs on an association it accepted). A context whose requestor would be SCP only is rejected (result 1).
 - Asynchronous operations window: answered 1/1, one operation at a time. SOP Class (Common) Extended
   Negotiation: no answer, which PS3.7 D.3.3.5-6 reads as "not supported"; the association goes ahead.
 - User Identity: when users are configured, a username (type 1) or username and passcode (type 2) is checked;
-  a requestor that asks for a positive response gets one (PS3.7 D.3.3.7.2: empty server response). Without a
-  matching identity the association is rejected (permanent, service user, no reason given) if ``required``,
-  otherwise accepted without a response.
+  a requestor that asks for a positive response gets one (PS3.7 D.3.3.7.2: empty server response). One that
+  does not match is rejected (permanent, service user, no reason given); a requestor that presents none, or
+  one the node cannot verify (Kerberos, SAML, JWT), is rejected so only when ``identity_required``.
 """
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ class Credential:
 @dataclass(frozen=True)
 class Capabilities:
     """What this acceptor offers: the SOP classes it serves, its transfer syntaxes in order of preference,
-    whether it takes storage SOP classes the registry does not know (``is_registered`` says which UIDs the
-    registry knows), and the users it checks."""
+    whether it takes other storage SOP classes (private, or newer than pynetdicom's list) too, with
+    ``is_other_service`` naming the UIDs that are something else (query, worklist, ...), and the users it checks."""
 
     sop_classes: frozenset[str]
     transfer_syntaxes: tuple[str, ...]
-    is_registered: Callable[[str], bool]
+    is_other_service: Callable[[str], bool]
     accept_unknown: bool = True
     users: tuple[Credential, ...] = ()
     identity_required: bool = False
@@ -109,7 +110,7 @@ def _context_result(cx: ProposedContext, caps: Capabilities, refused_roles: set[
     abstract = cx.abstract_syntax
     if not is_valid_uid(abstract):
         return ContextResult(cx.context_id, ABSTRACT_SYNTAX_NOT_SUPPORTED, first)
-    served = abstract in caps.sop_classes or (caps.accept_unknown and not caps.is_registered(abstract))
+    served = abstract in caps.sop_classes or (caps.accept_unknown and not caps.is_other_service(abstract))
     if not served:
         return ContextResult(cx.context_id, ABSTRACT_SYNTAX_NOT_SUPPORTED, first, abstract)
     if abstract in refused_roles:
@@ -163,6 +164,10 @@ def negotiate(request: AssociateRequest, settings: AcceptorSettings, caps: Capab
     return Acceptance(ac, accepted, len(results), user)
 
 
-def registered_in_dicom(uid: str) -> bool:
-    """True when pydicom's copy of the DICOM registry (PS3.6 Annex A) names ``uid``."""
-    return UID(uid).name != uid
+def other_service_in_dicom(uid: str) -> bool:
+    """True when pydicom's copy of the DICOM registry (PS3.6 Annex A) names ``uid`` as anything but a storage
+    SOP class: query/retrieve, worklist, storage commitment, a transfer syntax, a well-known instance..."""
+    known = UID(uid)
+    if known.name == uid:
+        return False  # not registered: a private UID, or one newer than the registry
+    return not (known.type == "SOP Class" and "Storage" in known.name and "Storage Commitment" not in known.name)

@@ -47,7 +47,7 @@ from dicomnode.errors import DicomNodeError
 from dicomnode.receive.connection import UpperLayerServer
 from dicomnode.receive.dimse import VERIFICATION
 from dicomnode.receive.instance import CANNOT_UNDERSTAND, Refusal, file_meta, read_meta
-from dicomnode.receive.negotiation import Capabilities, Credential, registered_in_dicom
+from dicomnode.receive.negotiation import Capabilities, Credential, other_service_in_dicom
 from dicomnode.receive.upper_layer import AcceptorSettings, Association, StoreRequest
 from dicomnode.state.spool import IncomingFile, OutOfSpace, Spool, is_valid_uid
 from dicomnode.state.store import RecordOutcome, Store
@@ -269,7 +269,7 @@ def capabilities(cfg: Config) -> Capabilities:
     identity = cfg.node.user_identity
     return Capabilities(
         sop_classes=frozenset([VERIFICATION] + [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]),
-        transfer_syntaxes=tuple(str(ts) for ts in ALL_TRANSFER_SYNTAXES), is_registered=registered_in_dicom,
+        transfer_syntaxes=tuple(str(ts) for ts in ALL_TRANSFER_SYNTAXES), is_other_service=other_service_in_dicom,
         accept_unknown=cfg.node.accept_unknown_sop_classes,
         users=tuple(Credential(u.username, u.passcode) for u in identity.users),
         identity_required=identity.required)
