@@ -100,6 +100,8 @@ def _field(value: bytes, offset: int, where: str) -> tuple[bytes, int]:
 def _context(value: bytes) -> ProposedContext:
     if len(value) < 4:
         raise ProtocolError("presentation context item too short", ABORT_INVALID_PARAMETER)
+    if value[0] % 2 == 0:  # PS3.8 9.3.2.2: odd integers between 1 and 255
+        raise ProtocolError(f"presentation context ID {value[0]} is not odd", ABORT_INVALID_PARAMETER)
     abstract: list[str] = []
     syntaxes: list[str] = []
     for sub_type, sub in _items(value, 4, len(value), "presentation context"):

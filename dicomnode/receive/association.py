@@ -6,15 +6,17 @@ P-DATA-TF PDVs (PS3.8 9.3.5) are walked in place; data set fragments go to the h
 (:mod:`.fsm`) and the table's action is what happens; the association ends in Sta1 (the connection is closed)
 or in Sta13 (the connection goes back to the connection loop, which waits for the peer to close until ARTIM).
 
-``network_timeout`` is a deadline, not a per-read timeout: the association must make progress (a complete
-DIMSE message, or :data:`PROGRESS_BYTES` of data) within it, else it is aborted (Evt15). A peer trickling one
-byte every few seconds is therefore cut at the deadline, while a large data set on a slow link goes on.
+``network_timeout`` is a deadline, not a per-read timeout (see :class:`~dicomnode.receive.pdu.Reader`): the
+association must make progress (a complete DIMSE message, or 64 KiB of data) within it, else it is aborted
+(Evt15). A peer trickling one byte every few seconds is cut at the deadline; a large data set on a slow link
+goes on.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,7 +45,10 @@ from dicomnode.receive.pdu import (
     RELEASE_RP_PDU,
     SOURCE_PROVIDER,
     SOURCE_USER,
+    DeadlineExceeded,
+    PeerClosed,
     ProtocolError,
+    Reader,
     abort_pdu,
     check_header,
     pdata_pdus,
@@ -51,81 +56,6 @@ from dicomnode.receive.pdu import (
 from dicomnode.receive.upper_layer import Association, DataSink, StorageHandler, StoreRequest
 
 log = logging.getLogger(__name__)
-
-READ_BUFFER = 1024 * 1024
-PROGRESS_BYTES = 64 * 1024  # data that counts as progress for the network_timeout deadline
-
-
-class PeerClosed(Exception):
-    """The transport connection closed under us (Evt17)."""
-
-
-class DeadlineExceeded(Exception):
-    """The association made no progress within network_timeout (a local A-ABORT request, Evt15)."""
-
-
-class Reader:
-    """Buffered exact reads from a socket against a deadline that progress moves on."""
-
-    def __init__(self, sock: socket.socket, window: float | None, size: int = READ_BUFFER) -> None:
-        self.sock, self.window, self.size = sock, window, size
-        self.buf = bytearray()
-        self.view = memoryview(self.buf)
-        self.start = self.end = 0
-        self.progress = 0
-        self.deadline = 0.0
-        self.restart()
-
-    def restart(self) -> None:
-        """The peer made progress: the deadline is ``window`` from now."""
-        self.progress = 0
-        self.deadline = time.monotonic() + self.window if self.window is not None else float("inf")
-
-    def _fill(self) -> None:
-        if not self.buf:
-            self.buf = bytearray(self.size)  # allocated when the first PDU arrives, not at connection
-            self.view = memoryview(self.buf)
-        if self.start == self.end:
-            self.start = self.end = 0
-        elif self.end == len(self.buf):  # keep the unread tail, make room after it
-            tail = self.end - self.start
-            self.buf[:tail] = self.buf[self.start:self.end]
-            self.start, self.end = 0, tail
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise DeadlineExceeded("network timeout: no progress")
-        try:
-            self.sock.settimeout(min(left, 3600.0))
-            n = self.sock.recv_into(self.view[self.end:])
-        except TimeoutError as exc:
-            raise DeadlineExceeded("network timeout: no progress") from exc
-        except OSError as exc:
-            raise PeerClosed(f"connection error: {exc}") from exc
-        if n == 0:
-            raise PeerClosed("the peer closed the connection")
-        self.end += n
-        self.progress += n
-        if self.progress >= PROGRESS_BYTES:
-            self.restart()
-
-    def read(self, n: int) -> bytes:
-        """Exactly ``n`` bytes (``n`` at most the buffer size)."""
-        while self.end - self.start < n:
-            self._fill()
-        out = bytes(self.view[self.start:self.start + n])
-        self.start += n
-        return out
-
-    def stream(self, n: int, sink: Callable[[memoryview], None]) -> None:
-        """Pass exactly ``n`` bytes to ``sink`` in the pieces they arrive in (each a view valid during the call)."""
-        while n:
-            if self.start == self.end:
-                self._fill()
-            take = min(n, self.end - self.start)
-            sink(self.view[self.start:self.start + take])
-            self.start += take
-            n -= take
-
 
 def _discard(_: memoryview) -> None:
     return None
@@ -331,3 +261,73 @@ class AssociationRunner:
         self._step(Event.EVT9)  # DT-1
         self._send(b"".join(pdata_pdus(context_id, command, True, self.assoc.peer_max_pdu)))
         self.reader.restart()  # a DIMSE message answered: progress
+
+
+class Associations:
+    """The association threads of one receiver: at most ``limit`` at a time (one slot each, taken while the
+    request is judged), each running :class:`AssociationRunner` and handing its connection to ``give_back``
+    when it ends in Sta13."""
+
+    def __init__(self, limit: int, handler: StorageHandler[Any], network_timeout: float | None,
+                 give_back: Callable[[socket.socket], None]) -> None:
+        self.limit, self.handler, self.network_timeout, self.give_back = limit, handler, network_timeout, give_back
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._taken = 0
+        self.stopping = False
+
+    def active(self) -> int:
+        with self._lock:
+            return self._taken
+
+    def reserve(self) -> bool:
+        """Take a slot for an association about to be accepted; False when all ``limit`` are taken."""
+        with self._lock:
+            if self._taken >= self.limit:
+                return False
+            self._taken += 1
+            return True
+
+    def start(self, sock: socket.socket, assoc: Association[Any], ac_pdu: bytes) -> None:
+        """Run the association (its slot reserved) in a thread of its own, which first sends ``ac_pdu``."""
+        with self._lock:
+            self._sockets.add(sock)
+        self.handler.accepted(assoc)
+        threading.Thread(target=self._run, args=(sock, assoc, ac_pdu), daemon=True,
+                         name=f"assoc-{assoc.address}:{assoc.port}").start()
+
+    def _run(self, sock: socket.socket, assoc: Association[Any], ac_pdu: bytes) -> None:
+        state = State.STA1
+        try:
+            sock.settimeout(self.network_timeout)
+            sock.sendall(ac_pdu)
+            state = AssociationRunner(sock, assoc, self.handler, self.network_timeout).run()
+        except OSError as exc:
+            log.warning("association with %s ended: %s", assoc.peer, exc)
+            self.handler.aborted(assoc)
+            self.handler.ended(assoc)
+        finally:
+            with self._lock:
+                self._taken -= 1
+                self._sockets.discard(sock)
+            if state is State.STA13 and not self.stopping:
+                self.give_back(sock)
+            else:
+                sock.close()
+
+    def stop(self, grace: float) -> None:
+        """Give running associations ``grace`` seconds to end, then cut their connections."""
+        self.stopping = True
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._sockets:
+                    return
+            time.sleep(0.05)
+        with self._lock:
+            open_now = list(self._sockets)
+        for sock in open_now:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # unblocks the association thread's recv
+            except OSError:
+                pass

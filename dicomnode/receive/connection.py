@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from dicomnode.receive.acse import decode_associate_rq
-from dicomnode.receive.association import AssociationRunner
+from dicomnode.receive.association import Associations
 from dicomnode.receive.fsm import Action, Event, State, pdu_event, transition
 from dicomnode.receive.negotiation import Acceptance, Capabilities, Rejection, negotiate
 from dicomnode.receive.pdu import (
@@ -83,10 +83,9 @@ class UpperLayerServer:
         self.settings, self.handler, self.capabilities = settings, handler, capabilities
         self.listener, self.ssl_context = listener, ssl_context
         self.peer_log = PeerLog()
-        self._lock = threading.Lock()
-        self._active = 0  # association slots taken
-        self._threads = 0  # association threads running
-        self._connections: set[socket.socket] = set()  # sockets of association threads
+        self.associations = Associations(settings.max_associations, handler, settings.network_timeout,
+                                         self._give_back)
+        self._lock = threading.Lock()  # guards _returned
         self._pending: dict[socket.socket, _Pending] = {}  # touched by the loop thread only
         self._returned: list[socket.socket] = []  # handed back by association threads (Sta13)
         self._stopping = threading.Event()
@@ -100,8 +99,7 @@ class UpperLayerServer:
         return tuple(self.listener.getsockname()[:2])
 
     def active_associations(self) -> int:
-        with self._lock:
-            return self._active
+        return self.associations.active()
 
     def pending_connections(self) -> int:
         return len(self._pending)
@@ -139,8 +137,7 @@ class UpperLayerServer:
 
     def _accept(self) -> None:
         if self.settings.yield_per_connection:
-            with self._lock:
-                busy = self._threads
+            busy = self.associations.active()
             if busy:  # every receiver woke up for this connection: let the idler ones take it first
                 time.sleep(min(busy, 10) * self.settings.yield_per_connection)
         try:
@@ -302,7 +299,7 @@ class UpperLayerServer:
             self._abort(pending, SOURCE_USER, 0)
             return False
         verdict = negotiate(request, self.settings, self.capabilities)
-        if isinstance(verdict, Acceptance) and not self._reserve_slot():
+        if isinstance(verdict, Acceptance) and not self.associations.reserve():
             verdict = Rejection(REJECT_LOCAL_LIMIT, "local-limit-exceeded")
         if isinstance(verdict, Rejection):
             self.peer_log.warning(address, "association from %s@%s rejected: %s", request.calling_ae, address,
@@ -320,47 +317,10 @@ class UpperLayerServer:
             contexts=verdict.contexts, user=verdict.user)
         self._pending.pop(pending.sock, None)
         self._selector.unregister(pending.sock)
-        self._start_association(pending.sock, assoc, pending.out + verdict.ac_pdu, verdict.proposed)
-        return True
-
-    def _reserve_slot(self) -> bool:
-        with self._lock:
-            if self._active >= self.settings.max_associations:
-                return False
-            self._active += 1
-            self._threads += 1
-            return True
-
-    def _start_association(self, sock: socket.socket, assoc: Association[Any], ac_pdu: bytes,
-                           proposed: int) -> None:
-        with self._lock:
-            self._connections.add(sock)
         log.info("association from %s accepted (%d of %d presentation contexts)", assoc.peer,
-                 len(assoc.contexts), proposed)
-        self.handler.accepted(assoc)
-        threading.Thread(target=self._association, args=(sock, assoc, ac_pdu), daemon=True,
-                         name=f"assoc-{assoc.address}:{assoc.port}").start()
-
-    def _association(self, sock: socket.socket, assoc: Association[Any], ac_pdu: bytes) -> None:
-        """An association's thread: send the A-ASSOCIATE-AC, run Sta6 to the end, give Sta13 back."""
-        state = State.STA1
-        try:
-            sock.settimeout(self.settings.network_timeout)
-            sock.sendall(ac_pdu)
-            state = AssociationRunner(sock, assoc, self.handler, self.settings.network_timeout).run()
-        except OSError as exc:
-            log.warning("association with %s ended: %s", assoc.peer, exc)
-            self.handler.aborted(assoc)
-            self.handler.ended(assoc)
-        finally:
-            with self._lock:
-                self._active -= 1
-                self._threads -= 1
-                self._connections.discard(sock)
-            if state is State.STA13 and not self._stopping.is_set():
-                self._give_back(sock)
-            else:
-                sock.close()
+                 len(assoc.contexts), verdict.proposed)
+        self.associations.start(pending.sock, assoc, pending.out + verdict.ac_pdu)
+        return True
 
     def _give_back(self, sock: socket.socket) -> None:
         with self._lock:
@@ -408,16 +368,4 @@ class UpperLayerServer:
             self._wake_w.send(b"\x00")
         except OSError:
             pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._connections:
-                    return
-            time.sleep(0.05)
-        with self._lock:
-            open_now = list(self._connections)
-        for sock in open_now:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)  # unblocks the association thread's recv
-            except OSError:
-                pass
+        self.associations.stop(grace)

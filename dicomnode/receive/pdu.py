@@ -5,11 +5,17 @@ Every length a peer sends is checked against a limit before anything is allocate
 of at most :data:`MAX_ASSOCIATE_RQ` bytes, the short PDUs (release, abort, reject) of at most
 :data:`MAX_SHORT_PDU`; P-DATA-TF bodies are never buffered whole (the association thread streams them, the
 connection loop skips them).
+
+:class:`Reader` reads an association's PDUs against a deadline that only progress moves on: a peer cannot hold
+a connection by trickling bytes, however short each wait for the next byte is.
 """
 
 from __future__ import annotations
 
+import socket
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # PDU types (PS3.8 9.3.1)
@@ -172,3 +178,81 @@ class PduSplitter:
         body, self._body = bytes(self._body), bytearray()
         self._current = None
         return Pdu(pdu_type, length, body=body)
+
+
+# ------------------------------------------------------------------------------------ reading, with deadline
+
+
+READ_BUFFER = 1024 * 1024
+PROGRESS_BYTES = 64 * 1024  # data that counts as progress for the network_timeout deadline
+
+
+class PeerClosed(Exception):
+    """The transport connection closed under us (Evt17)."""
+
+
+class DeadlineExceeded(Exception):
+    """The association made no progress within network_timeout (a local A-ABORT request, Evt15)."""
+
+
+class Reader:
+    """Buffered exact reads from a socket against a deadline that progress moves on."""
+
+    def __init__(self, sock: socket.socket, window: float | None, size: int = READ_BUFFER) -> None:
+        self.sock, self.window, self.size = sock, window, size
+        self.buf = bytearray()
+        self.view = memoryview(self.buf)
+        self.start = self.end = 0
+        self.progress = 0
+        self.deadline = 0.0
+        self.restart()
+
+    def restart(self) -> None:
+        """The peer made progress: the deadline is ``window`` from now."""
+        self.progress = 0
+        self.deadline = time.monotonic() + self.window if self.window is not None else float("inf")
+
+    def _fill(self) -> None:
+        if not self.buf:
+            self.buf = bytearray(self.size)  # allocated when the first PDU arrives, not at connection
+            self.view = memoryview(self.buf)
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif self.end == len(self.buf):  # keep the unread tail, make room after it
+            tail = self.end - self.start
+            self.buf[:tail] = self.buf[self.start:self.end]
+            self.start, self.end = 0, tail
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("network timeout: no progress")
+        try:
+            self.sock.settimeout(min(left, 3600.0))
+            n = self.sock.recv_into(self.view[self.end:])
+        except TimeoutError as exc:
+            raise DeadlineExceeded("network timeout: no progress") from exc
+        except OSError as exc:
+            raise PeerClosed(f"connection error: {exc}") from exc
+        if n == 0:
+            raise PeerClosed("the peer closed the connection")
+        self.end += n
+        self.progress += n
+        if self.progress >= PROGRESS_BYTES:
+            self.restart()
+
+    def read(self, n: int) -> bytes:
+        """Exactly ``n`` bytes (``n`` at most the buffer size)."""
+        while self.end - self.start < n:
+            self._fill()
+        out = bytes(self.view[self.start:self.start + n])
+        self.start += n
+        return out
+
+    def stream(self, n: int, sink: Callable[[memoryview], None]) -> None:
+        """Pass exactly ``n`` bytes to ``sink`` in the pieces they arrive in (each a view valid during the call)."""
+        while n:
+            if self.start == self.end:
+                self._fill()
+            take = min(n, self.end - self.start)
+            sink(self.view[self.start:self.start + take])
+            self.start += take
+            n -= take
