@@ -60,8 +60,9 @@ def association_threads() -> list[str]:
 
 
 def associate_rq(contexts: list[tuple[int, str, str]], max_pdu: int = 16384, calling: str = "RAWPEER",
-                 called: str = "DICOMNODE") -> bytes:
-    """An A-ASSOCIATE-RQ PDU, encoded by pynetdicom (the reference codec)."""
+                 called: str = "DICOMNODE", extra: list[Any] | None = None) -> bytes:
+    """An A-ASSOCIATE-RQ PDU, encoded by pynetdicom (the reference codec); ``extra``: more user information
+    items (pynetdicom primitives: role selection, user identity, ...)."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title, primitive.called_ae_title = calling, called
@@ -74,7 +75,7 @@ def associate_rq(contexts: list[tuple[int, str, str]], max_pdu: int = 16384, cal
     length, impl = MaximumLengthNotification(), ImplementationClassUIDNotification()
     length.maximum_length_received = max_pdu
     impl.implementation_class_uid = "1.2.3.4"
-    primitive.user_information = [length, impl]
+    primitive.user_information = [length, impl, *(extra or [])]
     pdu = A_ASSOCIATE_RQ()
     pdu.from_primitive(primitive)
     return bytes(pdu.encode())
@@ -89,6 +90,23 @@ def raw_associate(port: int, contexts: list[tuple[int, str, str]], max_pdu: int 
         sock.close()
         raise AssertionError(f"expected A-ASSOCIATE-AC, got 0x{pdu_type:02X}")
     return sock
+
+
+def rejection(port: int, rq: bytes) -> tuple[int, int, int] | None:
+    """Send ``rq``; (result, source, reason) of the A-ASSOCIATE-RJ that answers it, None when accepted.
+
+    Rejections are checked on the wire, not with pynetdicom's requestor: when the A-ASSOCIATE-RJ comes back
+    faster than its association thread looks at the connection, pynetdicom reports an abort (its DUL has
+    already closed the socket after the reject, and the thread reads that as a failed connection).
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(rq)
+        pdu_type, body = read_pdu(sock)
+        if pdu_type == 0x02:
+            return None
+        if pdu_type != 0x03:
+            raise AssertionError(f"expected A-ASSOCIATE-AC or -RJ, got 0x{pdu_type:02X}")
+        return body[1], body[2], body[3]
 
 
 def read_pdu(sock: socket.socket) -> tuple[int, bytes]:

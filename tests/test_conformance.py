@@ -26,7 +26,7 @@ from dicomnode.config import parse_config
 from dicomnode.errors import ConfigError
 from tests.conftest import series_dir
 from tests.peers import node_config
-from tests.scp_peer import Scp
+from tests.scp_peer import Scp, associate_rq, rejection
 from tests.test_receive import _dataset_bytes
 
 PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.9.7433.1.16"  # no registry knows it: a modality's private object
@@ -156,20 +156,20 @@ USERS = {"required": True, "users": [{"username": "ct-scanner", "passcode": "s3c
 def test_user_identity(scp: Any, identity: UserIdentityNegotiation | None, established: bool,
                        response: bool) -> None:
     s = scp(user_identity=USERS)
+    if not established:  # checked on the wire: see tests.scp_peer.rejection
+        rq = associate_rq([(1, Verification, ImplicitVRLittleEndian)], extra=[identity] if identity else [])
+        assert rejection(s.port, rq) == (1, 1, 1)  # rejected-permanent, service user, no reason given
+        return
     ae = _ae()
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", s.port, ae_title="DICOMNODE", ext_neg=[identity] if identity else [])
-    assert assoc.is_established is established
-    if established:
-        answer = assoc.acceptor.user_identity
-        assert (answer is not None) is response
-        if answer is not None:
-            assert answer.server_response == b""  # PS3.7 D.3.3.7.2: empty for username (and passcode)
-        assert assoc.send_c_echo().Status == 0
-        assoc.release()
-    else:
-        rj = assoc.acceptor.primitive
-        assert rj is not None and (rj.result, rj.result_source, rj.diagnostic) == (1, 1, 1)
+    assert assoc.is_established
+    answer = assoc.acceptor.user_identity
+    assert (answer is not None) is response
+    if answer is not None:
+        assert answer.server_response == b""  # PS3.7 D.3.3.7.2: empty for username (and passcode)
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
 
 
 def test_user_identity_is_optional_unless_required(scp: Any) -> None:

@@ -76,6 +76,13 @@ class AssociationRunner:
         self.sink: DataSink | None = None
         self.sink_context = 0
         self.refusal: tuple[int, str] | None = None  # the pending C-STORE was refused before its data set came
+        self.released_cleanly = False  # ended by A-RELEASE-RP with nothing read past the A-RELEASE-RQ
+
+    @property
+    def aligned(self) -> bool:
+        """The byte stream is at a PDU boundary with nothing read ahead: the connection loop can go on
+        reading PDUs from it in Sta13 (otherwise it only drains it)."""
+        return self.released_cleanly and self.reader.start == self.reader.end
 
     def run(self) -> State:
         try:
@@ -156,6 +163,7 @@ class AssociationRunner:
                 self.sink = None
         self._step(Event.EVT14)
         self._send(RELEASE_RP_PDU)
+        self.released_cleanly = True
         assoc.released = True
         self.handler.released(assoc)
 
@@ -266,10 +274,10 @@ class AssociationRunner:
 class Associations:
     """The association threads of one receiver: at most ``limit`` at a time (one slot each, taken while the
     request is judged), each running :class:`AssociationRunner` and handing its connection to ``give_back``
-    when it ends in Sta13."""
+    when it ends in Sta13 (with whether the stream is still at a PDU boundary)."""
 
     def __init__(self, limit: int, handler: StorageHandler[Any], network_timeout: float | None,
-                 give_back: Callable[[socket.socket], None]) -> None:
+                 give_back: Callable[[socket.socket, bool], None]) -> None:
         self.limit, self.handler, self.network_timeout, self.give_back = limit, handler, network_timeout, give_back
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
@@ -297,11 +305,13 @@ class Associations:
                          name=f"assoc-{assoc.address}:{assoc.port}").start()
 
     def _run(self, sock: socket.socket, assoc: Association[Any], ac_pdu: bytes) -> None:
-        state = State.STA1
+        state, aligned = State.STA1, False
         try:
             sock.settimeout(self.network_timeout)
             sock.sendall(ac_pdu)
-            state = AssociationRunner(sock, assoc, self.handler, self.network_timeout).run()
+            runner = AssociationRunner(sock, assoc, self.handler, self.network_timeout)
+            state = runner.run()
+            aligned = runner.aligned
         except OSError as exc:
             log.warning("association with %s ended: %s", assoc.peer, exc)
             self.handler.aborted(assoc)
@@ -311,7 +321,7 @@ class Associations:
                 self._taken -= 1
                 self._sockets.discard(sock)
             if state is State.STA13 and not self.stopping:
-                self.give_back(sock)
+                self.give_back(sock, aligned)
             else:
                 sock.close()
 

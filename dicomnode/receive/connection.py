@@ -43,6 +43,8 @@ from dicomnode.receive.upper_layer import AcceptorSettings, Association, Storage
 
 log = logging.getLogger(__name__)
 
+_READS_PER_TURN = 16
+
 
 class PeerLog:
     """One log line per peer address per ``interval`` seconds; the lines held back are counted in the next."""
@@ -87,7 +89,8 @@ class UpperLayerServer:
                                          self._give_back)
         self._lock = threading.Lock()  # guards _returned
         self._pending: dict[socket.socket, _Pending] = {}  # touched by the loop thread only
-        self._returned: list[socket.socket] = []  # handed back by association threads (Sta13)
+        self._again: set[_Pending] = set()  # to read again next turn without waiting for readiness
+        self._returned: list[tuple[socket.socket, bool]] = []  # handed back in Sta13 (socket, aligned)
         self._stopping = threading.Event()
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -122,7 +125,11 @@ class UpperLayerServer:
     def _turn(self) -> None:
         deadlines = [p.deadline for p in self._pending.values()]
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 0.5
-        for key, mask in self._selector.select(min(timeout, 0.5)):
+        again, self._again = self._again, set()
+        for pending in again:
+            if pending.sock in self._pending:
+                self._service(pending, selectors.EVENT_READ)
+        for key, mask in self._selector.select(0.0 if self._again else min(timeout, 0.5)):
             if key.fileobj is self.listener:
                 self._accept()
             elif key.fileobj is self._wake_r:
@@ -213,6 +220,9 @@ class UpperLayerServer:
             if pending.state is State.STA2:
                 self.peer_log.warning(pending.address[0], "connection from %s failed: %s", pending.address[0], exc)
             self._close(pending)
+        except Exception:  # a defect of ours: this connection goes, the loop and every other connection stay
+            log.exception("connection from %s closed after an internal error", pending.address[0])
+            self._close(pending)
 
     def _handshake(self, pending: _Pending) -> bool:
         sock = pending.sock
@@ -236,7 +246,9 @@ class UpperLayerServer:
         return True
 
     def _read(self, pending: _Pending) -> None:
-        while pending.sock in self._pending:
+        for _ in range(_READS_PER_TURN):  # a peer sending without pause cannot hold the loop
+            if pending.sock not in self._pending:
+                return
             data = pending.sock.recv(pending.splitter.wanted())
             if not data:  # Evt17: AA-5 in Sta2, AR-5 in Sta13
                 transition(pending.state, Event.EVT17)
@@ -247,6 +259,7 @@ class UpperLayerServer:
             for pdu in pending.splitter.feed(data):
                 if pending.sock not in self._pending or self._pdu(pending, pdu):
                     return
+        self._again.add(pending)  # the budget is spent, bytes may be waiting (in the socket or in TLS)
 
     def _pdu(self, pending: _Pending, pdu: Pdu) -> bool:
         """Take the PDU's transition; True when the connection left the loop (closed or associated)."""
@@ -322,9 +335,9 @@ class UpperLayerServer:
         self.associations.start(pending.sock, assoc, pending.out + verdict.ac_pdu)
         return True
 
-    def _give_back(self, sock: socket.socket) -> None:
+    def _give_back(self, sock: socket.socket, aligned: bool) -> None:
         with self._lock:
-            self._returned.append(sock)
+            self._returned.append((sock, aligned))
         try:
             self._wake_w.send(b"\x00")
         except OSError:
@@ -338,7 +351,7 @@ class UpperLayerServer:
             pass
         with self._lock:
             returned, self._returned = self._returned, []
-        for sock in returned:
+        for sock, aligned in returned:
             try:
                 sock.setblocking(False)
                 address = sock.getpeername()[:2]
@@ -347,6 +360,7 @@ class UpperLayerServer:
                 continue
             pending = _Pending(sock, address, self._artim(), handshake=False)
             pending.state, pending.splitter = State.STA13, PduSplitter(want_rq=False)
+            pending.splitter.broken = not aligned  # cut mid-PDU: drain until the peer closes or ARTIM
             self._hold(pending)
 
     # ------------------------------------------------------------------------------------------ shutdown
