@@ -74,8 +74,22 @@ def _send(port: int, data: bytes, rng: random.Random) -> None:
         pass  # reset, refused, timed out: the node is allowed to cut a broken peer off
 
 
-def _receiver_state(pid: int) -> tuple[int, int]:
-    return len(os.listdir(f"/proc/{pid}/fd")), _rss_mb_and_threads(pid)[1]
+CONCURRENCY = 8
+
+
+def _receiver_state(pid: int) -> tuple[int, int, int]:
+    """(descriptors other than the state store's, the state store's, threads) of the receiver. SQLite keeps
+    the descriptor of a connection closed while another connection of the process holds a lock (in WAL mode the
+    receiver's main connection always does) and reuses it at the next open: the store's count follows the most
+    connections open at once, never the number of associations (connections left open would add one each)."""
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            pass
+    store = sum(1 for t in targets if t.endswith(".sqlite3"))
+    return len(targets) - store, store, _rss_mb_and_threads(pid)[1]
 
 
 def test_mutated_associations_leave_the_node_serving_with_nothing_leaked(tmp_path: Path) -> None:
@@ -85,28 +99,33 @@ def test_mutated_associations_leave_the_node_serving_with_nothing_leaked(tmp_pat
         warm = storescu(node.port, sorted(series_dir("P03").iterdir())[:2])
         assert warm.returncode == 0, warm.stderr
         receiver = _receiver_pid(node.proc.pid)  # type: ignore[union-attr]
-        fds0, threads0 = _receiver_state(receiver)
+        fds0, store0, threads0 = _receiver_state(receiver)
         valid = _valid_association()
         rng = random.Random(SEED)
         cases = [(_mutate(valid, rng), random.Random(rng.random())) for _ in range(MUTATIONS)]
         start = time.monotonic()
-        with ThreadPoolExecutor(max_workers=8) as pool:
+        with ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
             list(pool.map(lambda case: _send(node.port, *case), cases))
         fuzz_seconds = time.monotonic() - start
 
         def settled() -> bool:
-            fds, threads = _receiver_state(receiver)
-            return fds <= fds0 and threads <= threads0
+            fds, store, threads = _receiver_state(receiver)
+            return fds <= fds0 and store <= store0 + CONCURRENCY and threads <= threads0
 
-        wait_until(settled, 10, "the receiver back to its descriptors and threads")  # ARTIM closes the rest
+        try:
+            wait_until(settled, 10, "the receiver back to its descriptors and threads")  # ARTIM closes the rest
+        except TimeoutError:
+            held = sorted(os.readlink(f"/proc/{receiver}/fd/{fd}") for fd in os.listdir(f"/proc/{receiver}/fd"))
+            raise AssertionError(f"receiver holds {_receiver_state(receiver)} (descriptors, store descriptors,"
+                                 f" threads), was {(fds0, store0, threads0)}: {held}") from None
         spool = tmp_path / "data" / "spool"
         leftovers = list(spool.rglob(".tmp-*")) + list((spool / ".incoming").glob("*"))
         sent = storescu(node.port, [series_dir("P03")])
         wait_until(lambda: not list(spool.rglob(".tmp-*")), 5, "the last association's spare file removed")
     finally:
         node.stop()
-    print(f"{MUTATIONS} mutated associations in {fuzz_seconds:.1f} s; receiver back to {fds0} descriptors,"
-          f" {threads0} threads")
+    print(f"{MUTATIONS} mutated associations in {fuzz_seconds:.1f} s; receiver back to {fds0} descriptors"
+          f" (+{store0} to the state store), {threads0} threads")
     assert sent.returncode == 0 and stored_count(sent) == 28, sent.stderr
     assert leftovers == []
     assert "Traceback" not in node.log()
