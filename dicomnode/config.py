@@ -67,8 +67,27 @@ class TlsConfig:
 
 
 @dataclass(frozen=True)
+class UserCredential:
+    """A username a requestor may present in User Identity negotiation, and its passcode ("" : the username
+    alone suffices). Keep a config that holds passcodes readable by the node's user only."""
+
+    username: str
+    passcode: str = ""
+
+
+@dataclass(frozen=True)
+class UserIdentityConfig:
+    """User Identity negotiation (PS3.7 D.3.3.7). With ``users`` empty, identities are not checked. With users,
+    a presented username (and passcode) must match one of them; ``required`` also rejects requestors that
+    present none (or one the node cannot verify: Kerberos, SAML, JWT)."""
+
+    required: bool = False
+    users: tuple[UserCredential, ...] = ()
+
+
+@dataclass(frozen=True)
 class NodeConfig:
-    """The listening side: who we are, where we listen, whom we accept."""
+    """The listening side: who we are, where we listen, whom we accept, and the limits a peer meets."""
 
     ae_title: str = "DICOMNODE"
     host: str = "127.0.0.1"
@@ -76,11 +95,14 @@ class NodeConfig:
     allowed_calling_aets: tuple[str, ...] = ()  # empty: accept any calling AE title
     allowed_hosts: tuple[str, ...] = ()  # empty: accept any peer address
     max_associations: int = 16  # per receiver process
+    max_pending_connections: int = 64  # per receiver process: connections not associated (yet, or any more)
     max_pdu_size: int = 0  # 0 = unlimited
     receivers: int = 1  # receiver processes accepting from the node's one listening socket
-    acse_timeout: float = 30.0
+    acse_timeout: float = 30.0  # deadline: TLS handshake + A-ASSOCIATE-RQ; and for the peer to close after
     dimse_timeout: float = 60.0
-    network_timeout: float = 60.0
+    network_timeout: float = 60.0  # deadline for an association to make progress
+    accept_unknown_sop_classes: bool = True  # storage SOP classes the registry does not know (private, newer)
+    user_identity: UserIdentityConfig = field(default_factory=UserIdentityConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
 
 
@@ -518,17 +540,34 @@ def _build(cls: type[T], raw: Any, where: str) -> T:
     return cls(**kwargs)
 
 
+def _validate_user_identity(identity: UserIdentityConfig) -> None:
+    names = [user.username for user in identity.users]
+    if identity.required and not names:
+        raise ConfigError("node.user_identity.required: needs at least one entry in node.user_identity.users")
+    for i, name in enumerate(names):
+        if not name or len(name.encode("utf-8")) > 65535:
+            raise ConfigError(f"node.user_identity.users[{i}].username: must be 1-65535 bytes")
+        if name in names[:i]:
+            raise ConfigError(f"node.user_identity.users[{i}].username: duplicate username {name!r}")
+
+
 def _validate(cfg: Config) -> None:
     node = cfg.node
     check_ae_title(node.ae_title, "node.ae_title")
     _check_port(node.port, "node.port")
     for i, aet in enumerate(node.allowed_calling_aets):
         check_ae_title(aet, f"node.allowed_calling_aets[{i}]")
-    for name, value in (("max_associations", node.max_associations), ("receivers", node.receivers)):
+    for name, value in (("max_associations", node.max_associations), ("receivers", node.receivers),
+                        ("max_pending_connections", node.max_pending_connections)):
         if value < 1:
             raise ConfigError(f"node.{name}: must be at least 1, got {value}")
     if node.max_pdu_size < 0:
         raise ConfigError("node.max_pdu_size: must be 0 (unlimited) or positive")
+    for name, seconds in (("acse_timeout", node.acse_timeout), ("network_timeout", node.network_timeout),
+                          ("dimse_timeout", node.dimse_timeout)):
+        if seconds <= 0:
+            raise ConfigError(f"node.{name}: must be positive, got {seconds}")
+    _validate_user_identity(node.user_identity)
     if node.tls.enabled and (node.tls.cert_file is None or node.tls.key_file is None):
         raise ConfigError("node.tls: cert_file and key_file are required when enabled")
     if node.tls.enabled and node.tls.require_client_cert and node.tls.ca_file is None:

@@ -18,35 +18,22 @@ import pydicom
 import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
-from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicomnode import IMPLEMENTATION_CLASS_UID
 from dicomnode.config import parse_config
 from dicomnode.ops.service import open_spool
-from dicomnode.receive.scp import ReceiveContext, acceptor_settings, listen, start_server, supported_contexts
-from dicomnode.receive.upper_layer import UpperLayerServer, decode_command, pdata_pdus
+from dicomnode.receive.connection import UpperLayerServer
+from dicomnode.receive.dimse import decode_command
+from dicomnode.receive.pdu import pdata_pdus
+from dicomnode.receive.scp import ReceiveContext, acceptor_settings, capabilities, listen
 from dicomnode.state.store import Store
 from tests.conftest import series_dir
 from tests.peers import PEER_ENV, dcmtk, node_config, wait_until
-
-
-class Scp:
-    def __init__(self, workdir: Path, **node: Any) -> None:
-        self.cfg = parse_config(node_config(workdir, node=node, storage={"path": str(workdir / "data"),
-                                                                           "min_free_mb": 1, "fsync": True}))
-        self.store = Store(self.cfg.db_path)
-        self.spool = open_spool(self.cfg)
-        self.server = start_server(self.cfg, ReceiveContext(self.cfg, self.spool, self.store))
-        self.port = self.server.server_address[1]
-
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.cfg.spool_dir.rglob("*") if p.is_file())
-
-    def instances(self) -> int:
-        return sum(s.n_instances for s in self.store.list_series())
+from tests.scp_peer import Scp, associate_rq, rejection
+from tests.scp_peer import command as _command
+from tests.scp_peer import raw_associate as _raw_associate
+from tests.scp_peer import read_pdu as _read_pdu
 
 
 @pytest.fixture
@@ -75,62 +62,6 @@ def _ae(*syntaxes: str, max_pdu: int = 16382) -> AE:
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
     return ae
-
-
-def _raw_associate(port: int, contexts: list[tuple[int, str, str]], max_pdu: int = 16384) -> socket.socket:
-    """Open an association with hand-made bytes; returns the socket after reading the A-ASSOCIATE-AC."""
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title, primitive.called_ae_title = "RAWPEER", "DICOMNODE"
-    items = []
-    for cid, abstract, ts in contexts:
-        cx = build_context(abstract, [ts])
-        cx.context_id = cid
-        items.append(cx)
-    primitive.presentation_context_definition_list = items
-    length, impl = MaximumLengthNotification(), ImplementationClassUIDNotification()
-    length.maximum_length_received = max_pdu
-    impl.implementation_class_uid = "1.2.3.4"
-    primitive.user_information = [length, impl]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(pdu.encode())
-    pdu_type, body = _read_pdu(sock)
-    assert pdu_type == 0x02, f"expected A-ASSOCIATE-AC, got 0x{pdu_type:02X}"
-    return sock
-
-
-def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    header = _recv(sock, 6)
-    pdu_type, length = struct.unpack(">BxL", header)
-    return pdu_type, _recv(sock, length)
-
-
-def _recv(sock: socket.socket, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            raise EOFError(f"closed after {len(out)} of {n} bytes")
-        out += chunk
-    return out
-
-
-def _command(field: int, message_id: int, sop_class: str, sop_instance: str = "", data: bool = False) -> bytes:
-    """A DIMSE request command set, encoded by hand (implicit VR little endian, group 0000, tags ascending)."""
-    def element(elem: int, value: bytes) -> bytes:
-        return struct.pack("<HHL", 0x0000, elem, len(value)) + value
-
-    def uid(value: str) -> bytes:
-        return value.encode() + (b"\x00" if len(value) % 2 else b"")
-
-    body = element(0x0002, uid(sop_class)) + element(0x0100, struct.pack("<H", field))
-    body += element(0x0110, struct.pack("<H", message_id))
-    body += element(0x0800, struct.pack("<H", 0x0000 if data else 0x0101))
-    if sop_instance:
-        body += element(0x1000, uid(sop_instance))
-    return element(0x0000, struct.pack("<L", len(body))) + body
 
 
 def _assert_aborted_by_node(sock: socket.socket) -> None:
@@ -165,11 +96,8 @@ def test_association_limit_rejects_transiently_and_frees_the_slot(scp: Any) -> N
     s = scp(max_associations=1)
     first = _ae().associate("127.0.0.1", s.port, ae_title="DICOMNODE")
     assert first.is_established
-    second = _ae().associate("127.0.0.1", s.port, ae_title="DICOMNODE")
-    assert second.is_rejected
-    rj = second.acceptor.primitive
-    assert rj is not None
-    assert (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2)  # transient, presentation, local limit
+    second = rejection(s.port, associate_rq([(1, CTImageStorage, ImplicitVRLittleEndian)]))
+    assert second == (2, 3, 2)  # transient, presentation, local limit
     first.release()
     wait_until(lambda: s.server.active_associations() == 0, 10, "slot freed")
     third = _ae().associate("127.0.0.1", s.port, ae_title="DICOMNODE")
@@ -185,7 +113,7 @@ def test_a_new_association_goes_to_the_less_busy_of_two_receivers(tmp_path: Path
     listener = listen(cfg)
     settings = dataclasses.replace(acceptor_settings(cfg), yield_per_connection=0.25)  # roomy for a busy CI
     assert acceptor_settings(cfg).yield_per_connection > 0  # what serve gives each of its receivers
-    servers = [UpperLayerServer(settings, ctx, supported_contexts(), listener) for _ in range(2)]
+    servers = [UpperLayerServer(settings, ctx, capabilities(cfg), listener) for _ in range(2)]
     for server in servers:
         threading.Thread(target=server.serve_forever, daemon=True).start()
     port = listener.getsockname()[1]
@@ -333,14 +261,16 @@ def test_silent_peers_are_dropped_after_the_timeouts(scp: Any) -> None:
         start = time.monotonic()
         assert quiet.recv(16) == b""
         assert time.monotonic() - start < 5
-    # network timeout: an association that goes silent
+    # network timeout: an association that goes silent gets an A-ABORT (a local abort: service-user source),
+    # then the connection is closed when the peer does not close it within ARTIM (Sta13)
     sock = _raw_associate(s.port, [(1, CTImageStorage, ImplicitVRLittleEndian)])
     with sock:
         start = time.monotonic()
-        with pytest.raises((EOFError, ConnectionResetError)):
-            _read_pdu(sock)
+        assert _read_pdu(sock) == (0x07, b"\x00\x00\x00\x00")
         assert time.monotonic() - start < 5
-    wait_until(lambda: s.server.active_associations() == 0, 5, "slot freed")
+        wait_until(lambda: s.server.active_associations() == 0, 5, "slot freed at the abort")
+        assert sock.recv(16) == b""
+        assert time.monotonic() - start < 5
 
 
 def test_rejected_presentation_contexts_are_named_and_accepted_ones_work(scp: Any) -> None:

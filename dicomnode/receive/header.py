@@ -28,7 +28,8 @@ PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_PIXEL_DATA = 0x7FE00010, 0x7FE00008, 0x7FE0
 WANTED = {
     0x00080008: "ImageType", 0x00080016: "SOPClassUID", 0x00080018: "SOPInstanceUID", 0x00080060: "Modality",
     0x0008103E: "SeriesDescription", 0x00180015: "BodyPartExamined", 0x0020000D: "StudyInstanceUID",
-    0x0020000E: "SeriesInstanceUID", 0x00280002: "SamplesPerPixel", 0x00280008: "NumberOfFrames",
+    0x0020000E: "SeriesInstanceUID", 0x00280002: "SamplesPerPixel", 0x00280004: "PhotometricInterpretation",
+    0x00280008: "NumberOfFrames",
     0x00280010: "Rows", 0x00280011: "Columns", 0x00280100: "BitsAllocated",
 }
 _US = {0x00280002, 0x00280010, 0x00280011, 0x00280100}

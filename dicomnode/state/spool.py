@@ -26,7 +26,7 @@ from typing import cast
 
 from dicomnode.errors import DicomNodeError
 
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")  # used with fullmatch: "$" would let a final "\n" through
 _TMP_PREFIX = ".tmp-"
 INCOMING_DIR = ".incoming"  # instances being received, before their series (their final folder) is known
 # Received fragments are gathered into writes of about this size. With fsync on, each such write is also handed to
@@ -61,8 +61,9 @@ class OutOfSpace(DicomNodeError):
 
 
 def is_valid_uid(uid: str) -> bool:
-    """True for a syntactically valid DICOM UID (digits and dots, at most 64 characters)."""
-    return len(uid) <= 64 and bool(_UID_RE.match(uid))
+    """True for a syntactically valid DICOM UID: 1-64 characters, digit runs separated by single dots, nothing
+    else (not even a final newline, which ``re.match`` with ``$`` would let through)."""
+    return len(uid) <= 64 and _UID_RE.fullmatch(uid) is not None
 
 
 @dataclass(frozen=True)
