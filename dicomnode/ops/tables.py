@@ -16,14 +16,16 @@ from dicomnode.outputs.scu import StoreResult
 
 
 def age(seconds: float | None) -> str:
-    """A short human age: 42s, 12m, 3.5h."""
+    """A short human age: 42s, 12m, 3.5h, 2.1d."""
     if seconds is None:
         return "-"
     if seconds < 120:
         return f"{seconds:.0f}s"
     if seconds < 7200:
         return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
 
 
 def when(ts: float) -> str:

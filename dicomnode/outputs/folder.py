@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from collections.abc import Sequence
 from io import BytesIO
 from pathlib import Path
@@ -30,7 +29,7 @@ from dicomnode.config import Destination
 from dicomnode.errors import DeliveryError
 from dicomnode.outputs.delivery import OnResult, Outcome, Proceed, StoreResult, always
 from dicomnode.state.jobs import OutboundFile
-from dicomnode.state.spool import OutOfSpace, Spool, is_valid_uid
+from dicomnode.state.spool import OutOfSpace, Spool, fsync_dir, is_valid_uid
 from dicomnode.telemetry import metrics
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class FolderSender:
                 new = not self.root.is_dir()
                 self._spool = Spool(self.root, fsync=self.fsync)
                 if new and self.fsync:
-                    _fsync_dir(self.root.parent)
+                    fsync_dir(self.root.parent)
             except OSError as exc:
                 raise DeliveryError(f"{self.dest.name}: cannot use folder {self.root}: {exc.strerror}",
                                     retryable=exc.errno in (errno.ENOSPC, errno.EDQUOT)) from exc
@@ -101,7 +100,7 @@ class FolderSender:
         if not folder.is_dir():
             folder.mkdir(exist_ok=True)
             if self.fsync:
-                _fsync_dir(spool.root)
+                fsync_dir(spool.root)
         incoming = spool.incoming(near=series_uid)  # made in the series folder: no stray .incoming folder
         try:
             incoming.write(data)
@@ -113,13 +112,6 @@ class FolderSender:
     def close(self) -> None:
         """Nothing to release."""
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _series_uid(data: bytes) -> str | None:

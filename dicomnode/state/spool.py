@@ -236,9 +236,9 @@ class IncomingFile:
             self.discard()
             raise
         if self.spool.fsync:
-            _fsync_dir(folder)
+            fsync_dir(folder)
             if new_folder:
-                _fsync_dir(self.spool.root)
+                fsync_dir(self.spool.root)
         return SpooledFile(series_uid, sop_uid, final, self.size)
 
     def discard(self) -> None:
@@ -249,7 +249,8 @@ class IncomingFile:
         self.path.unlink(missing_ok=True)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename, a new file) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

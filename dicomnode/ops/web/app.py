@@ -42,6 +42,7 @@ from dicomnode import __version__
 from dicomnode.config import Config
 from dicomnode.errors import DicomNodeError
 from dicomnode.ops import admin
+from dicomnode.ops.tables import age
 from dicomnode.ops.web import pictures
 from dicomnode.ops.web.views import job_view, overview, series_view
 from dicomnode.state.store import Store
@@ -50,19 +51,6 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 COOKIE = "dicomnode_token"
 HealthFn = Callable[[], dict[str, Any]]
-
-
-def age(seconds: float | None) -> str:
-    """A short human age: 42s, 12m, 3.5h, 2.1d."""
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
 
 
 def clock(ts: float | None) -> str:
