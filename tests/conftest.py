@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,3 +33,20 @@ def _node_library_settings() -> object:
     """Every test starts from the node's settings, whatever an earlier test changed."""
     configure_libraries()
     yield None
+
+
+@pytest.fixture
+def scp(tmp_path: Path) -> Iterator[Any]:
+    """Makes in-process Storage SCPs (``scp(**node_settings)``) on free ports; all shut down after the test."""
+    from tests.scp_peer import Scp
+
+    started: list[Scp] = []
+
+    def make(**node: Any) -> Scp:
+        s = Scp(tmp_path, **node)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.server.shutdown(grace=0.5)

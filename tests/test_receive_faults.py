@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +35,6 @@ from tests.scp_peer import (
 
 CT_CONTEXT = [(1, CTImageStorage, ImplicitVRLittleEndian), (3, Verification, ImplicitVRLittleEndian)]
 
-
-@pytest.fixture
-def scp(tmp_path: Path) -> Iterator[Any]:
-    started: list[Scp] = []
-
-    def make(**node: Any) -> Scp:
-        s = Scp(tmp_path, **node)
-        started.append(s)
-        return s
-
-    yield make
-    for s in started:
-        s.server.shutdown(grace=0.5)
 
 
 def _implicit(ds: pydicom.Dataset) -> bytes:

@@ -10,7 +10,6 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,24 +29,10 @@ from dicomnode.receive.scp import ReceiveContext, acceptor_settings, capabilitie
 from dicomnode.state.store import Store
 from tests.conftest import series_dir
 from tests.peers import PEER_ENV, dcmtk, node_config, wait_until
-from tests.scp_peer import Scp, associate_rq, rejection
+from tests.scp_peer import associate_rq, rejection
 from tests.scp_peer import command as _command
 from tests.scp_peer import raw_associate as _raw_associate
 from tests.scp_peer import read_pdu as _read_pdu
-
-
-@pytest.fixture
-def scp(tmp_path: Path) -> Iterator[Any]:
-    started: list[Scp] = []
-
-    def make(**node: Any) -> Scp:
-        s = Scp(tmp_path, **node)
-        started.append(s)
-        return s
-
-    yield make
-    for s in started:
-        s.server.shutdown(grace=0.5)
 
 
 def _echo(port: int, aec: str = "DICOMNODE") -> subprocess.CompletedProcess[str]:
