@@ -23,14 +23,14 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from dicomnode.config import SegmenterKind
+from dicomnode.config import LabelCode, ModelConfig, PreprocessStep, SegmenterKind
 from dicomnode.errors import PipelineError
 from dicomnode.imaging import labels as label_defs
 from dicomnode.imaging import masks
 from dicomnode.imaging.labels import LabelInfo, LabelVolume
 from dicomnode.imaging.volume import Volume
 from dicomnode.inference.loaders import LoadedModel, load_torchscript, load_unet
-from dicomnode.inference.runner import ModelRunner, RunnerSettings
+from dicomnode.inference.runner import ModelRunner, RunnerSettings, resolve_device
 from dicomnode.inference.spec import PreprocessSpec, prepare, restore
 
 _KNOWN_LABELS: dict[str, LabelInfo] = {
@@ -97,7 +97,8 @@ def label_infos(spec: PreprocessSpec) -> tuple[LabelInfo, ...]:
 class ModelSegmenter:
     """A network kept resident on its device; ``segment`` = prepare -> sliding window -> restore -> labels."""
 
-    def __init__(self, loaded: LoadedModel, settings: RunnerSettings | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, settings: RunnerSettings | None = None,
+                 preprocess: tuple[PreprocessStep, ...] = (), codes: tuple[LabelCode, ...] = ()) -> None:
         self.name = loaded.name
         self.version = loaded.version
         self.spec = loaded.spec
@@ -136,19 +137,30 @@ class TorchScriptSegmenter(ModelSegmenter):
         super().__init__(load_torchscript(path), settings)
 
 
-def build_segmenter(kind: SegmenterKind | str, model_path: Path | None = None,
-                    settings: RunnerSettings | None = None) -> Segmenter:
-    """Build a segmenter by kind (:class:`~dicomnode.config.SegmenterKind` or its value): ``lung``/``body``/
-    ``brain`` (classical), ``lung-unet`` (shipped weights, or ``model_path``), ``unet`` (a checkpoint at
-    ``model_path``), ``torchscript`` (an archive at ``model_path``)."""
+def _model(kind: SegmenterKind | str | ModelConfig, model_path: Path | None) -> ModelConfig:
+    if isinstance(kind, ModelConfig):
+        return kind
     try:
-        kind = SegmenterKind(kind)
+        member = SegmenterKind(kind)
     except ValueError:
         known = ", ".join(k.value for k in SegmenterKind)
         raise PipelineError(f"unknown segmenter kind {kind!r}; known: {known}") from None
-    if kind.needs_path and model_path is None:
-        raise PipelineError(f"segmenter kind {kind.value!r} needs a model path")
-    match kind:
+    return ModelConfig(kind=member, path=model_path)
+
+
+def build_segmenter(kind: SegmenterKind | str | ModelConfig, model_path: Path | None = None,
+                    settings: RunnerSettings | None = None) -> Segmenter:
+    """Build a segmenter from a pipeline's :class:`~dicomnode.config.ModelConfig`, or from a kind
+    (:class:`~dicomnode.config.SegmenterKind` or its value) and ``model_path``: ``lung``/``body``/``brain``
+    (classical), ``lung-unet`` (shipped weights, or ``model_path``), ``unet`` (a checkpoint), ``torchscript``
+    (an archive), ``nnunet`` (a model folder), ``totalsegmentator`` (a task, weights in ``model.weights``),
+    ``monai-bundle`` (a bundle folder). The framework kinds import their framework here, not before.
+    Raises PipelineError (ModelLoadError) when the model cannot be loaded: the pipeline fails at start-up."""
+    model = _model(kind, model_path)
+    settings = settings or RunnerSettings()
+    if model.kind.needs_path and model.path is None:
+        raise PipelineError(f"segmenter kind {model.kind.value!r} needs a model path")
+    match model.kind:
         case SegmenterKind.LUNG:
             return ClassicalSegmenter.lung()
         case SegmenterKind.BODY:
@@ -156,14 +168,18 @@ def build_segmenter(kind: SegmenterKind | str, model_path: Path | None = None,
         case SegmenterKind.BRAIN:
             return ClassicalSegmenter.brain()
         case SegmenterKind.LUNG_UNET | SegmenterKind.UNET:
-            return UNetSegmenter(model_path, settings)
-        case SegmenterKind.TORCHSCRIPT if model_path is not None:
-            return TorchScriptSegmenter(model_path, settings)
-    raise PipelineError(f"segmenter kind {kind.value!r} cannot be built from {model_path}")  # pragma: no cover
+            return ModelSegmenter(load_unet(model.path), settings, model.preprocess, model.codes)
+        case SegmenterKind.TORCHSCRIPT if model.path is not None:
+            return ModelSegmenter(load_torchscript(model.path), settings, model.preprocess, model.codes)
+        case SegmenterKind.NNUNET:
+            from dicomnode.inference.nnunet import NnUNetSegmenter
+
+            return NnUNetSegmenter(model, resolve_device(settings.device))
+    raise PipelineError(f"segmenter kind {model.kind.value!r} cannot be built")  # pragma: no cover
 
 
 class SegmenterCache:
-    """Builds each (kind, model path, settings) segmenter once and returns the same resident instance after.
+    """Builds each model configuration once and returns the same resident instance after.
 
     Create one per worker process (not a global): the model is loaded and moved to the device on the first
     request only. Thread-safe.
@@ -171,17 +187,17 @@ class SegmenterCache:
 
     def __init__(self, settings: RunnerSettings | None = None) -> None:
         self.settings = settings or RunnerSettings()
-        self._items: dict[tuple[str, str], Segmenter] = {}
+        self._items: dict[ModelConfig, Segmenter] = {}
         self._lock = threading.Lock()
 
-    def get(self, kind: SegmenterKind | str, model_path: Path | None = None) -> Segmenter:
-        name = kind.value if isinstance(kind, SegmenterKind) else kind
-        key = (name, str(model_path) if model_path is not None else "")
+    def get(self, kind: SegmenterKind | str | ModelConfig, model_path: Path | None = None) -> Segmenter:
+        """The resident segmenter of a ModelConfig (or of a kind and path), built on first use."""
+        model = _model(kind, model_path)
         with self._lock:
-            found = self._items.get(key)
+            found = self._items.get(model)
             if found is None:
-                found = build_segmenter(kind, model_path, self.settings)
-                self._items[key] = found
+                found = build_segmenter(model, None, self.settings)
+                self._items[model] = found
             return found
 
     def __len__(self) -> int:

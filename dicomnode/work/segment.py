@@ -73,7 +73,7 @@ def make_outputs(files: Sequence[Path], pipe: PipelineConfig, segmenters: Segmen
                                                             irregular=pipe.volume.irregular))
     t1 = time.monotonic()
     report("inference", 0.3)
-    segmenter = segmenters.for_pipeline(pipe).get(pipe.model.kind, pipe.model.path)
+    segmenter = segmenters.for_pipeline(pipe).get(pipe.model)
     labels = segmenter.segment(volume)
     t2 = time.monotonic()
     report("encode", 0.7)

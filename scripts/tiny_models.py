@@ -1,0 +1,116 @@
+"""Random-weight models in each framework's own on-disk format, for tests and benchmarks (no weights can be
+downloaded here).
+
+- :func:`nnunet_model_folder`: an nnU-Net v2 trained-model folder (``dataset.json``, ``plans.json``,
+  ``fold_N/checkpoint_final.pth`` in nnU-Net's checkpoint format) holding a PlainConvUNet with random weights.
+- :func:`totalsegmentator_weights`: a TotalSegmentator weights folder with such a model under the dataset
+  folder name TotalSegmentator looks for (e.g. ``Dataset297_TotalSegmentator_total_3mm_1559subj``), with
+  TotalSegmentator's own label map for the task.
+- :func:`monai_bundle`: a MONAI bundle (``configs/inference.json``, ``configs/metadata.json``,
+  ``models/model.pt``) with a small MONAI UNet.
+
+Shapes and spacings follow each framework's convention: nnU-Net plans are (z, y, x) in the array order of
+its SimpleITK reader (spacing reversed from SimpleITK's (x, y, z)).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+
+
+@dataclass(frozen=True)
+class NnUNetArch:
+    """A PlainConvUNet plan: ``features`` per stage, ``strides`` per stage (z, y, x), ``patch`` (z, y, x),
+    ``spacing`` (z, y, x) mm of the configuration."""
+
+    features: tuple[int, ...] = (4, 8, 16)
+    strides: tuple[tuple[int, int, int], ...] = ((1, 1, 1), (1, 2, 2), (2, 2, 2))
+    patch: tuple[int, int, int] = (16, 64, 64)
+    spacing: tuple[float, float, float] = (5.0, 4.0, 4.0)
+    convs_per_stage: int = 1
+    reader: str = "SimpleITKIO"
+    normalization: str = "CTNormalization"
+    intensity: dict[str, float] = field(default_factory=lambda: {
+        "max": 3000.0, "mean": 40.0, "median": 30.0, "min": -1024.0, "percentile_00_5": -1000.0,
+        "percentile_99_5": 1500.0, "std": 300.0})
+
+
+# Roughly TotalSegmentator's 3 mm model (nnU-Net's default 3d_fullres plan for a 3 mm isotropic dataset): six
+# stages of 32..320 features, a 128^3 patch. The real plans.json ships with the weights, which are not here.
+TOTALSEG_3MM = NnUNetArch(features=(32, 64, 128, 256, 320, 320),
+                          strides=((1, 1, 1), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
+                          patch=(128, 128, 128), spacing=(3.0, 3.0, 3.0), convs_per_stage=2)
+
+
+def _plans(arch: NnUNetArch, dataset_name: str, configuration: str) -> dict[str, Any]:
+    n = len(arch.features)
+    arch_kwargs = {
+        "n_stages": n, "features_per_stage": list(arch.features), "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [[3, 3, 3]] * n, "strides": [list(s) for s in arch.strides],
+        "n_conv_per_stage": [arch.convs_per_stage] * n, "n_conv_per_stage_decoder": [arch.convs_per_stage] * (n - 1),
+        "conv_bias": True, "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+        "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
+    resampling = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None}
+    config = {
+        "data_identifier": f"nnUNetPlans_{configuration}", "preprocessor_name": "DefaultPreprocessor",
+        "batch_size": 2, "patch_size": list(arch.patch), "median_image_size_in_voxels": [64, 128, 128],
+        "spacing": list(arch.spacing), "normalization_schemes": [arch.normalization], "use_mask_for_norm": [False],
+        "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_data_kwargs": resampling,
+        "resampling_fn_seg": "resample_data_or_seg_to_shape",
+        "resampling_fn_seg_kwargs": {**resampling, "is_seg": True, "order": 1},
+        "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+        "resampling_fn_probabilities_kwargs": {**resampling, "order": 1},
+        "architecture": {"network_class_name": PLAIN_UNET, "arch_kwargs": arch_kwargs,
+                         "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]},
+        "batch_dice": False}
+    return {
+        "dataset_name": dataset_name, "plans_name": "nnUNetPlans",
+        "original_median_spacing_after_transp": list(arch.spacing),
+        "original_median_shape_after_transp": [64, 128, 128], "image_reader_writer": arch.reader,
+        "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2],
+        "configurations": {configuration: config}, "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {"0": dict(arch.intensity)}}
+
+
+def nnunet_model_folder(folder: Path, labels: dict[str, int], *, arch: NnUNetArch = NnUNetArch(),
+                        folds: tuple[int, ...] = (0,), seed: int = 0, trainer: str = "nnUNetTrainer",
+                        configuration: str = "3d_fullres", dataset_name: str = "Dataset999_Tiny",
+                        mirror_axes: tuple[int, ...] | None = (0, 1, 2), init_std: float = 0.1) -> Path:
+    """Write an nnU-Net v2 model folder at ``folder`` (created) with random weights; ``labels`` maps names to
+    values as in ``dataset.json`` (background 0 included or added). Returns ``folder``."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    labels = {"background": 0, **labels}
+    folder.mkdir(parents=True, exist_ok=True)
+    plans = _plans(arch, dataset_name, configuration)
+    dataset = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 1, "file_ending": ".nii.gz",
+               "name": dataset_name, "release": "1.0-test"}
+    (folder / "plans.json").write_text(json.dumps(plans, indent=2))
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    n = len(arch.features)
+    for i, fold in enumerate(folds):
+        torch.manual_seed(seed + i)
+        net = PlainConvUNet(1, n, list(arch.features), torch.nn.Conv3d, 3, [list(s) for s in arch.strides],
+                            [arch.convs_per_stage] * n, len(labels), [arch.convs_per_stage] * (n - 1), True,
+                            torch.nn.InstanceNorm3d, {"eps": 1e-5, "affine": True}, None, None,
+                            torch.nn.LeakyReLU, {"inplace": True}, deep_supervision=False)
+        for name, p in net.named_parameters():  # random but not degenerate: the image decides the class
+            if name.endswith("bias"):
+                torch.nn.init.zeros_(p)
+            else:
+                torch.nn.init.normal_(p, mean=1.0 if p.dim() == 1 else 0.0, std=init_std)
+        checkpoint = {"network_weights": net.state_dict(), "trainer_name": trainer,
+                      "init_args": {"configuration": configuration, "fold": fold},
+                      "inference_allowed_mirroring_axes": mirror_axes, "current_epoch": 1}
+        (folder / f"fold_{fold}").mkdir(exist_ok=True)
+        torch.save(checkpoint, folder / f"fold_{fold}" / "checkpoint_final.pth")
+    return folder
