@@ -605,6 +605,10 @@ def _validate_model(model: ModelConfig, where: str) -> None:
             raise ConfigError(f"{where}.path: {model.path} does not exist or is not a {what}")
     if model.batch_size < 1 or not 0 <= model.overlap < 1:
         raise ConfigError(f"{where}: batch_size must be >= 1 and overlap in [0, 1)")
+    geometric = [i for i, s in enumerate(model.preprocess) if isinstance(s, (ResampleStep, PadStep))]
+    for i, step in enumerate(model.preprocess):
+        if isinstance(step, CropStep) and geometric and geometric[0] < i:
+            raise ConfigError(f"{where}.preprocess[{i}].crop: crop must come before resample and pad steps")
     if model.preprocess and not kind.takes_preprocess:
         raise ConfigError(f"{where}.preprocess: only for kinds lung-unet, unet, torchscript "
                           f"({kind.value!r} runs its framework's own preprocessing)")

@@ -23,15 +23,17 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from dicomnode.config import LabelCode, ModelConfig, PreprocessStep, SegmenterKind
+from dicomnode.config import CropStep, LabelCode, ModelConfig, PreprocessStep, SegmenterKind
 from dicomnode.errors import PipelineError
 from dicomnode.imaging import labels as label_defs
 from dicomnode.imaging import masks
+from dicomnode.imaging.chain import ChainError, check_chain, run_chain, undo_chain
+from dicomnode.imaging.codes import coded_label
 from dicomnode.imaging.labels import LabelInfo, LabelVolume
 from dicomnode.imaging.volume import Volume
-from dicomnode.inference.loaders import LoadedModel, load_torchscript, load_unet
+from dicomnode.inference.loaders import LoadedModel, ModelLoadError, load_torchscript, load_unet
 from dicomnode.inference.runner import ModelRunner, RunnerSettings, resolve_device
-from dicomnode.inference.spec import PreprocessSpec, prepare, restore
+from dicomnode.inference.spec import Orientation, PreprocessSpec
 
 _KNOWN_LABELS: dict[str, LabelInfo] = {
     info.name: info
@@ -83,19 +85,25 @@ class ClassicalSegmenter:
         return cls("dicomnode-classical-brain", masks.brain_mask)
 
 
-def label_infos(spec: PreprocessSpec) -> tuple[LabelInfo, ...]:
-    """The :mod:`dicomnode.imaging.labels` entries named by the spec; values must agree with the spec's."""
+def label_infos(spec: PreprocessSpec, codes: tuple[LabelCode, ...] = ()) -> tuple[LabelInfo, ...]:
+    """The :mod:`dicomnode.imaging.labels` entries named by the spec (when value and name agree), else the
+    label coded from its name (:func:`~dicomnode.imaging.codes.coded_label`, with the config's ``codes``)."""
     infos = []
     for value, name in zip(spec.label_values, spec.label_names, strict=True):
         info = _KNOWN_LABELS.get(name)
-        if info is None or info.value != value:
-            raise PipelineError(f"model label {value} {name!r} is not a known dicomnode label")
+        if info is None or info.value != value or any(c.label == name for c in codes):
+            info = coded_label(value, name, codes)
         infos.append(info)
     return tuple(infos)
 
 
 class ModelSegmenter:
-    """A network kept resident on its device; ``segment`` = prepare -> sliding window -> restore -> labels."""
+    """A network kept resident on its device; ``segment`` = canonical orientation -> preprocessing chain ->
+    sliding window -> inverse chain -> labels on the volume's grid.
+
+    The chain is the pipeline's ``model.preprocess`` when given, else the one embedded with the model
+    (:attr:`~dicomnode.inference.spec.PreprocessSpec.steps`); it is checked here, at start-up.
+    """
 
     def __init__(self, loaded: LoadedModel, settings: RunnerSettings | None = None,
                  preprocess: tuple[PreprocessStep, ...] = (), codes: tuple[LabelCode, ...] = ()) -> None:
@@ -103,18 +111,32 @@ class ModelSegmenter:
         self.version = loaded.version
         self.spec = loaded.spec
         self.metrics = loaded.metrics
-        self._labels = label_infos(loaded.spec)
+        self.steps = preprocess or loaded.spec.steps
+        try:
+            check_chain(self.steps)
+        except ChainError as error:
+            raise ModelLoadError(f"{self.name}: {error}") from error
+        self._labels = label_infos(loaded.spec, codes)
         self._lut = np.array([0, *loaded.spec.label_values], dtype=np.uint8)
         self.runner = ModelRunner(loaded.module, loaded.spec.patch_size, settings, loaded.spec.pad_value)
 
     def segment(self, volume: Volume) -> LabelVolume:
         """Labels (z, y, x) uint8 on the volume's grid; values from the spec (e.g. 1 right, 2 left lung)."""
+        if self.spec.modality and volume.modality != self.spec.modality:
+            raise PipelineError(f"{self.name}: model expects {self.spec.modality}, got {volume.modality}")
+        orientation = Orientation.of(volume.affine)
+        data = orientation.apply(volume.data)
+        body = None
+        if any(isinstance(step, CropStep) for step in self.steps):
+            body = np.asarray(orientation.apply(masks.body_mask(volume).data) > 0)
         try:
-            image = prepare(volume, self.spec)
-        except ValueError as error:
+            prepared = run_chain(data, orientation.spacing(volume.spacing), self.steps, units=volume.units,
+                                 body=body)
+        except ChainError as error:
             raise PipelineError(f"{self.name}: {error}") from error
-        probs = self.runner.predict(image)
-        classes = restore(volume, probs)
+        probs = self.runner.predict(prepared.image)
+        shape = (int(data.shape[0]), int(data.shape[1]), int(data.shape[2]))
+        classes = orientation.undo(undo_chain(prepared, probs, shape))
         return LabelVolume(
             data=self._lut[classes],
             labels=self._labels,
