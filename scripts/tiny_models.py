@@ -114,3 +114,81 @@ def nnunet_model_folder(folder: Path, labels: dict[str, int], *, arch: NnUNetArc
         (folder / f"fold_{fold}").mkdir(exist_ok=True)
         torch.save(checkpoint, folder / f"fold_{fold}" / "checkpoint_final.pth")
     return folder
+
+
+def monai_inference_config(roi: tuple[int, int, int] = (32, 32, 16),
+                           pixdim: tuple[float, float, float] = (4.0, 4.0, 5.0), out_channels: int = 4,
+                           ) -> dict[str, Any]:
+    """A MONAI bundle inference.json in the style of the model zoo's CT segmentation bundles: load, channel
+    first, RAS, resample, intensity window, sliding-window inference (Gaussian), softmax, invert, arg-max, save."""
+    return {
+        "imports": ["$import glob", "$import os", "$import numpy"],
+        "bundle_root": ".",
+        "output_dir": "$@bundle_root + '/eval'",
+        "dataset_dir": "/workspace/data",
+        "datalist": "$list(sorted(glob.glob(@dataset_dir + '/*.nii.gz')))",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "network_def": {"_target_": "UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": out_channels,
+                        "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1, "norm": "batch"},
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "LoadImaged", "keys": "image"},
+            {"_target_": "EnsureChannelFirstd", "keys": "image"},
+            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+            {"_target_": "Spacingd", "keys": "image", "pixdim": list(pixdim), "mode": "bilinear"},
+            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -1000, "a_max": 400, "b_min": 0.0,
+             "b_max": 1.0, "clip": True},
+            {"_target_": "EnsureTyped", "keys": "image"}]},
+        "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]",
+                    "transform": "@preprocessing"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
+                       "num_workers": 0},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": list(roi), "sw_batch_size": 2, "overlap": 0.25,
+                    "mode": "gaussian"},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": False, "to_tensor": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
+             "resample": False, "separate_folder": False, "output_dtype": "$numpy.uint8"}]},
+        "handlers": [{"_target_": "CheckpointLoader", "load_path": "$@bundle_root + '/models/model.pt'",
+                      "load_dict": {"model": "@network"}}],
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
+                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "val_handlers": "@handlers", "amp": False},
+        "run": ["$@evaluator.run()"],
+    }
+
+
+def monai_bundle(folder: Path, labels: dict[int, str], *, seed: int = 0, version: str = "0.1.0",
+                 inference: dict[str, Any] | None = None) -> Path:
+    """A MONAI bundle at ``folder`` (must not exist) made by ``monai.bundle.init_bundle`` with a small UNet
+    (random weights, batch norm with non-trivial statistics so the image decides the class), the zoo-style
+    inference.json above and metadata naming the output channels (``labels``: channel -> name)."""
+    from monai.bundle import init_bundle
+    from monai.networks.nets import UNet
+
+    config = inference or monai_inference_config(out_channels=len(labels) + 1)
+    torch.manual_seed(seed)
+    net = UNet(spatial_dims=3, in_channels=1, out_channels=len(labels) + 1, channels=(8, 16, 32), strides=(2, 2),
+               num_res_units=1, norm="batch")
+    for name, buffer in net.named_buffers():
+        if name.endswith("running_mean"):
+            buffer.normal_(0.0, 0.2)
+        elif name.endswith("running_var"):
+            buffer.uniform_(0.05, 0.3)
+    channels = {"0": "background", **{str(k): v for k, v in labels.items()}}
+    metadata = {"name": "Tiny CT bundle", "version": version, "task": "test", "description": "random weights",
+                "authors": "dicomnode tests", "copyright": "none", "changelog": {version: "test"},
+                "monai_version": "1.4.0", "pytorch_version": "2.0.0", "numpy_version": "1.26.0",
+                "required_packages_version": {},
+                "network_data_format": {
+                    "inputs": {"image": {"type": "image", "format": "hounsfield", "num_channels": 1,
+                                         "spatial_shape": [32, 32, 16], "dtype": "float32", "value_range": [0, 1],
+                                         "is_patch_data": True, "channel_def": {"0": "image"}}},
+                    "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": len(channels),
+                                         "spatial_shape": [32, 32, 16], "dtype": "float32", "value_range": [0, 1],
+                                         "is_patch_data": True, "channel_def": channels}}}}
+    init_bundle(folder, network=net, metadata_str=metadata, inference_str=config)
+    return folder

@@ -197,6 +197,10 @@ def build_segmenter(kind: SegmenterKind | str | ModelConfig, model_path: Path | 
             from dicomnode.inference.nnunet import NnUNetSegmenter
 
             return NnUNetSegmenter(model, resolve_device(settings.device))
+        case SegmenterKind.MONAI_BUNDLE:
+            from dicomnode.inference.monai_bundle import MonaiBundleSegmenter
+
+            return MonaiBundleSegmenter(model, resolve_device(settings.device))
     raise PipelineError(f"segmenter kind {model.kind.value!r} cannot be built")  # pragma: no cover
 
 
