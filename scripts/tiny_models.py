@@ -192,3 +192,35 @@ def monai_bundle(folder: Path, labels: dict[int, str], *, seed: int = 0, version
                                          "is_patch_data": True, "channel_def": channels}}}}
     init_bundle(folder, network=net, metadata_str=metadata, inference_str=config)
     return folder
+
+
+def totalsegmentator_weights(weights: Path, task: str = "total", *, fast: bool = True,
+                             arch: NnUNetArch | None = None, seed: int = 0) -> list[Path]:
+    """Random-weight nnU-Net models in a TotalSegmentator weights folder, under the dataset folder names and
+    ``<trainer>__<plans>__<configuration>`` folders TotalSegmentator looks for (its own ``get_task_config`` and
+    ``TASK_ID_WEIGHTS_CONFIGS``), labelled with its own class maps. Returns the model folders."""
+    from totalsegmentator import map_to_binary
+    from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS
+    from totalsegmentator.python_api import get_task_config
+
+    config = get_task_config(task, fast=fast, quiet=True, plans="nnUNetPlans")
+    ids = config["task_id"] if isinstance(config["task_id"], list) else [config["task_id"]]
+    resample = config.get("resample") or 1.5
+    spacing = tuple(float(s) for s in (resample if isinstance(resample, list) else [resample] * 3))[::-1]
+    arch = arch or NnUNetArch(patch=(32, 64, 64), spacing=(spacing[0], spacing[1], spacing[2]))
+    inner = f"{config['trainer']}__{config.get('plans') or 'nnUNetPlans'}__{config.get('model') or '3d_fullres'}"
+    parts = {"total": ("class_map_5_parts", "map_taskid_to_partname_ct")}.get(task)
+    folders = []
+    for i, tid in enumerate(ids):
+        info = TASK_ID_WEIGHTS_CONFIGS[tid]
+        if len(ids) > 1 and parts is not None:
+            part = getattr(map_to_binary, parts[1])[tid]
+            names = getattr(map_to_binary, parts[0])[part]
+        else:
+            names = map_to_binary.class_map[task]
+        labels = {str(name): int(value) for value, name in names.items()}
+        folder = weights / (info.get("rel_path") or "") / info["foldername"] / inner
+        folders.append(nnunet_model_folder(folder, labels, arch=arch, seed=seed + i, trainer=config["trainer"],
+                                           configuration=config.get("model") or "3d_fullres",
+                                           dataset_name=info["foldername"], mirror_axes=None))
+    return folders

@@ -24,6 +24,8 @@ you trust.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import logging
 from collections.abc import Callable
@@ -67,9 +69,20 @@ class NnUNetInput:
 
 
 def nnunet_input(volume: Volume, reorient: bool) -> NnUNetInput:
-    """What nnU-Net's reader gives for the series' NIfTI (see the module docstring), with the inverse."""
+    """What nnU-Net's reader gives for the series' NIfTI (see the module docstring), with the inverse back to
+    the Volume's (z, y, x)."""
     storage, affine = nifti_view(volume)
-    zooms = np.linalg.norm(affine[:3, :3], axis=0).astype(np.float32)  # the file's pixdim precision
+    given = storage_input(storage, affine, np.linalg.norm(affine[:3, :3], axis=0), reorient)
+    shape = volume.shape
+    return NnUNetInput(given.image, given.properties, lambda seg: from_nifti_view(given.undo(seg), shape))
+
+
+def storage_input(storage: npt.NDArray[Any], affine: npt.NDArray[np.float64], zooms: npt.NDArray[Any],
+                  reorient: bool) -> NnUNetInput:
+    """What nnU-Net's reader gives for a NIfTI image with data ``storage`` (NIfTI (i, j, k) order), ``affine``
+    and ``zooms`` (pixdim, mm along i, j, k; taken at float32, the file's precision); the inverse returns an
+    array in the same storage order."""
+    zooms = np.asarray(zooms, dtype=np.float32)
     back: npt.NDArray[np.float64] | None = None
     if reorient:
         ornt = nio.io_orientation(affine)
@@ -78,15 +91,85 @@ def nnunet_input(volume: Volume, reorient: bool) -> NnUNetInput:
         zooms = zooms[order]
         back = nio.ornt_transform(nio.axcodes2ornt("RAS"), ornt)
     image = np.ascontiguousarray(np.transpose(storage, (2, 1, 0))[None], dtype=np.float32)
-    shape = volume.shape
 
     def undo(seg: npt.NDArray[Any]) -> npt.NDArray[Any]:
         out = np.transpose(np.asarray(seg), (2, 1, 0))
-        if back is not None:
-            out = nio.apply_orientation(out, back)
-        return from_nifti_view(out, shape)
+        return nio.apply_orientation(out, back) if back is not None else out
 
     return NnUNetInput(image, {"spacing": [float(z) for z in zooms[::-1]]}, undo)
+
+
+def trainer_class(name: str) -> Any:
+    """The nnU-Net trainer class ``name`` (it builds the network from the plans), by nnU-Net's own search
+    (``recursive_find_python_class``) over its ``variants`` trainers first, then TotalSegmentator's custom
+    trainers, then nnU-Net's full search.
+
+    Why not only the full search that ``initialize_from_trained_model_folder`` does: it imports every trainer
+    module in file order, and ``nnUNetTrainer/primus`` imports timm, which imports torchvision. The
+    torchvision the package registry serves is a CUDA build that fails to import next to the CPU torch, and
+    nothing in the node may need it; the variants (where TotalSegmentator's trainers live) never import it.
+    """
+    import nnunetv2
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    if name == "nnUNetTrainer":
+        return nnUNetTrainer
+    root = Path(nnunetv2.__path__[0])
+    found = recursive_find_python_class(str(root / "training" / "nnUNetTrainer" / "variants"), name,
+                                        "nnunetv2.training.nnUNetTrainer.variants", str(root))
+    if found is None and importlib.util.find_spec("totalsegmentator") is not None:
+        found = getattr(importlib.import_module("totalsegmentator.custom_trainers"), name, None)
+    return found if found is not None else recursive_find_trainer_class_by_name(name)
+
+
+def make_predictor(folder: Path, folds: tuple[str, ...], checkpoint: str, *, tile_step: float, mirroring: bool,
+                   device: torch.device) -> Any:
+    """nnunetv2's ``nnUNetPredictor`` for a model folder, initialised once with nnU-Net's
+    ``manual_initialization`` exactly as ``initialize_from_trained_model_folder`` does (checkpoints loaded on
+    the CPU, network built by the trainer class from the plans, first fold's weights loaded), except for how
+    the trainer class is found (:func:`trainer_class`). The node's torch flags are restored afterwards
+    (nnU-Net turns cuDNN benchmark on for CUDA)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor  # heavy: only for these kinds
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    missing = [f for f in folds if not (folder / f"fold_{f}" / checkpoint).is_file()]
+    if not folds or missing:
+        raise ModelLoadError(f"{folder}: no {checkpoint} for fold(s) {', '.join(missing) or 'any'}")
+    dataset = read_json(folder / "dataset.json")
+    try:
+        with quiet_stdout("nnUNetPredictor"):
+            predictor = nnUNetPredictor(tile_step_size=tile_step, use_gaussian=True, use_mirroring=mirroring,
+                                        perform_everything_on_device=device.type == "cuda", device=device,
+                                        verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+            checkpoints = [torch.load(folder / f"fold_{f}" / checkpoint, map_location="cpu", weights_only=False)
+                           for f in folds]
+            plans = PlansManager(read_json(folder / "plans.json"))
+            configuration = plans.get_configuration(checkpoints[0]["init_args"]["configuration"])
+            trainer = str(checkpoints[0]["trainer_name"])
+            network = trainer_class(trainer).build_network_architecture(
+                plans, configuration, determine_num_input_channels(plans, configuration, dataset),
+                plans.get_label_manager(dataset).num_segmentation_heads, enable_deep_supervision=False)
+            network.load_state_dict(checkpoints[0]["network_weights"])
+            predictor.manual_initialization(network, plans, configuration,
+                                            [c["network_weights"] for c in checkpoints], dataset, trainer,
+                                            checkpoints[0].get("inference_allowed_mirroring_axes"))
+    except ModelLoadError:
+        raise
+    except Exception as error:  # nnU-Net raises many types for broken folders
+        raise ModelLoadError(f"{folder}: nnU-Net cannot load the model: {error}") from error
+    configure_torch()
+    return predictor
+
+
+def reader_reorients(plans: dict[str, Any], where: Path) -> bool:
+    """Whether the plans' ``image_reader_writer`` reorients to RAS (ModelLoadError for unknown readers)."""
+    reader = str(plans.get("image_reader_writer", "SimpleITKIO"))
+    if reader not in READERS:
+        raise ModelLoadError(f"{where}: image reader {reader!r} is not supported (known: {', '.join(READERS)})")
+    return READERS[reader]
 
 
 def model_folder(path: Path, configuration: str | None) -> Path:
@@ -104,7 +187,7 @@ def model_folder(path: Path, configuration: str | None) -> Path:
                          f"configuration {configuration or '(any)'}; found: {found}")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -138,32 +221,15 @@ class NnUNetSegmenter:
     """An nnU-Net v2 model resident in this process: initialised once, then ``segment`` per series."""
 
     def __init__(self, model: ModelConfig, device: torch.device) -> None:
-        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor  # heavy: only for this kind
-
         if model.path is None:
             raise ModelLoadError("model kind 'nnunet' needs model.path")
         folder = model_folder(Path(model.path), model.configuration)
-        dataset, plans = _read_json(folder / "dataset.json"), _read_json(folder / "plans.json")
-        reader = str(plans.get("image_reader_writer", "SimpleITKIO"))
-        if reader not in READERS:
-            raise ModelLoadError(f"{folder}: image reader {reader!r} is not supported (known: {', '.join(READERS)})")
+        dataset, plans = read_json(folder / "dataset.json"), read_json(folder / "plans.json")
+        self._reorient = reader_reorients(plans, folder)
         folds = model.folds or available_folds(folder, model.checkpoint)
-        missing = [f for f in folds if not (folder / f"fold_{f}" / model.checkpoint).is_file()]
-        if not folds or missing:
-            raise ModelLoadError(f"{folder}: no {model.checkpoint} for fold(s) {', '.join(missing) or 'any'}")
-        self._reorient = READERS[reader]
         self._labels = label_infos(dataset_labels(dataset, folder), model.codes)
-        self.predictor = nnUNetPredictor(tile_step_size=model.tile_step, use_gaussian=True,
-                                         use_mirroring=model.mirroring,
-                                         perform_everything_on_device=device.type == "cuda", device=device,
-                                         verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-        try:
-            with quiet_stdout("nnUNetPredictor"):
-                self.predictor.initialize_from_trained_model_folder(
-                    str(folder), tuple(int(f) if f.isdigit() else f for f in folds), model.checkpoint)
-        except Exception as error:  # nnU-Net raises many types for broken folders
-            raise ModelLoadError(f"{folder}: nnU-Net cannot load the model: {error}") from error
-        configure_torch()  # nnUNetPredictor turns cuDNN benchmark on for CUDA: the node's flags win
+        self.predictor = make_predictor(folder, folds, model.checkpoint, tile_step=model.tile_step,
+                                        mirroring=model.mirroring, device=device)
         if model.configuration is not None and self._configuration(model.configuration) != \
                 self.predictor.configuration_manager.configuration:
             raise ModelLoadError(f"{folder}: the checkpoint is not of configuration {model.configuration!r}")

@@ -197,6 +197,10 @@ def build_segmenter(kind: SegmenterKind | str | ModelConfig, model_path: Path | 
             from dicomnode.inference.nnunet import NnUNetSegmenter
 
             return NnUNetSegmenter(model, resolve_device(settings.device))
+        case SegmenterKind.TOTALSEGMENTATOR:
+            from dicomnode.inference.totalseg import TotalSegmentatorSegmenter
+
+            return TotalSegmentatorSegmenter(model, resolve_device(settings.device))
         case SegmenterKind.MONAI_BUNDLE:
             from dicomnode.inference.monai_bundle import MonaiBundleSegmenter
 
