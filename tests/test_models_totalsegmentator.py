@@ -94,7 +94,8 @@ def test_missing_weights_fail_at_start_up_naming_the_folders(tmp_path: Path) -> 
         TotalSegmentatorSegmenter(model, torch.device("cpu"))
     text = str(info.value)
     assert f"weights not found in {tmp_path}" in text
-    folder = "Dataset297_TotalSegmentator_total_3mm_1559subj/nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres"
+    folder = ("Dataset297_TotalSegmentator_total_3mm_1559subj/"
+              "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres")
     assert folder in text and "never downloads" in text and "totalseg_download_weights -t total" in text
     multi = ModelConfig(kind=SegmenterKind.TOTALSEGMENTATOR, task="total", weights=tmp_path)
     with pytest.raises(PipelineError, match="Dataset291_.*Dataset292_.*Dataset295_"):
