@@ -31,6 +31,7 @@ from dicomnode.imaging.chain import ChainError, check_chain, run_chain, undo_cha
 from dicomnode.imaging.codes import coded_label
 from dicomnode.imaging.labels import LabelInfo, LabelVolume
 from dicomnode.imaging.volume import Volume
+from dicomnode.inference.frameworks import ModelInfo, weights_hash
 from dicomnode.inference.loaders import LoadedModel, ModelLoadError, load_torchscript, load_unet
 from dicomnode.inference.runner import ModelRunner, RunnerSettings, resolve_device
 from dicomnode.inference.spec import Orientation, PreprocessSpec
@@ -49,10 +50,12 @@ _KNOWN_LABELS: dict[str, LabelInfo] = {
 
 @runtime_checkable
 class Segmenter(Protocol):
-    """Anything with a name, a version and ``segment(volume) -> LabelVolume`` on the volume's grid."""
+    """Anything with a name, a version, a :class:`~dicomnode.inference.frameworks.ModelInfo` and
+    ``segment(volume) -> LabelVolume`` on the volume's grid."""
 
     name: str
     version: str
+    info: ModelInfo
 
     def segment(self, volume: Volume) -> LabelVolume: ...
 
@@ -60,10 +63,12 @@ class Segmenter(Protocol):
 class ClassicalSegmenter:
     """A weight-free segmenter: a function of :mod:`dicomnode.imaging.masks`, named and versioned."""
 
-    def __init__(self, name: str, function: Callable[[Volume], LabelVolume], version: str = masks.ALGORITHM_VERSION):
+    def __init__(self, name: str, function: Callable[[Volume], LabelVolume], version: str = masks.ALGORITHM_VERSION,
+                 labels: tuple[LabelInfo, ...] = (), kind: str = "classical"):
         self.name = name
         self.version = version
         self._function = function
+        self.info = ModelInfo(name, version, kind, "dicomnode.imaging.masks", {i.value: i.name for i in labels}, "cpu")
 
     def segment(self, volume: Volume) -> LabelVolume:
         result = self._function(volume)
@@ -74,15 +79,16 @@ class ClassicalSegmenter:
     @classmethod
     def lung(cls) -> ClassicalSegmenter:
         """Right lung 1, left lung 2 (and airways 3 where found) by thresholding: CT only."""
-        return cls("dicomnode-classical-lung", masks.lung_mask)
+        return cls("dicomnode-classical-lung", masks.lung_mask, labels=(label_defs.LUNG_RIGHT, label_defs.LUNG_LEFT,
+                                                                        label_defs.AIRWAYS), kind="lung")
 
     @classmethod
     def body(cls) -> ClassicalSegmenter:
-        return cls("dicomnode-classical-body", masks.body_mask)
+        return cls("dicomnode-classical-body", masks.body_mask, labels=(label_defs.BODY,), kind="body")
 
     @classmethod
     def brain(cls) -> ClassicalSegmenter:
-        return cls("dicomnode-classical-brain", masks.brain_mask)
+        return cls("dicomnode-classical-brain", masks.brain_mask, labels=(label_defs.BRAIN,), kind="brain")
 
 
 def label_infos(spec: PreprocessSpec, codes: tuple[LabelCode, ...] = ()) -> tuple[LabelInfo, ...]:
@@ -106,9 +112,11 @@ class ModelSegmenter:
     """
 
     def __init__(self, loaded: LoadedModel, settings: RunnerSettings | None = None,
-                 preprocess: tuple[PreprocessStep, ...] = (), codes: tuple[LabelCode, ...] = ()) -> None:
+                 preprocess: tuple[PreprocessStep, ...] = (), codes: tuple[LabelCode, ...] = (), kind: str = "unet",
+                 ) -> None:
         self.name = loaded.name
-        self.version = loaded.version
+        self.version = loaded.version if loaded.version != "unversioned" or loaded.path is None else \
+            weights_hash([loaded.path])
         self.spec = loaded.spec
         self.metrics = loaded.metrics
         self.steps = preprocess or loaded.spec.steps
@@ -119,6 +127,8 @@ class ModelSegmenter:
         self._labels = label_infos(loaded.spec, codes)
         self._lut = np.array([0, *loaded.spec.label_values], dtype=np.uint8)
         self.runner = ModelRunner(loaded.module, loaded.spec.patch_size, settings, loaded.spec.pad_value)
+        self.info = ModelInfo(self.name, self.version, kind, str(loaded.path or ""),
+                              {i.value: i.name for i in self._labels}, str(self.runner.device))
 
     def segment(self, volume: Volume) -> LabelVolume:
         """Labels (z, y, x) uint8 on the volume's grid; values from the spec (e.g. 1 right, 2 left lung)."""
@@ -190,9 +200,10 @@ def build_segmenter(kind: SegmenterKind | str | ModelConfig, model_path: Path | 
         case SegmenterKind.BRAIN:
             return ClassicalSegmenter.brain()
         case SegmenterKind.LUNG_UNET | SegmenterKind.UNET:
-            return ModelSegmenter(load_unet(model.path), settings, model.preprocess, model.codes)
+            return ModelSegmenter(load_unet(model.path), settings, model.preprocess, model.codes, model.kind.value)
         case SegmenterKind.TORCHSCRIPT if model.path is not None:
-            return ModelSegmenter(load_torchscript(model.path), settings, model.preprocess, model.codes)
+            return ModelSegmenter(load_torchscript(model.path), settings, model.preprocess, model.codes,
+                                  model.kind.value)
         case SegmenterKind.NNUNET:
             from dicomnode.inference.nnunet import NnUNetSegmenter
 

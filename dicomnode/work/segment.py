@@ -18,6 +18,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from dicomnode.config import Config, PipelineConfig
+from dicomnode.errors import PipelineError
 from dicomnode.imaging.volume import VolumeOptions, load_series
 from dicomnode.inference.runner import RunnerSettings
 from dicomnode.inference.segmenter import SegmenterCache
@@ -48,6 +49,19 @@ class Segmenters:
     def __init__(self, cfg: Config) -> None:
         self._device = cfg.worker.device.value
         self._caches: dict[str, SegmenterCache] = {}
+
+    def preload(self, pipes: Sequence[PipelineConfig]) -> None:
+        """Load every segment pipeline's model now (at worker start-up), so the first job does not pay for it
+        and a model that cannot load is reported at once; such a pipeline's jobs then fail with the reason."""
+        for pipe in pipes:
+            if pipe.kind != "segment":
+                continue
+            try:
+                segmenter = self.for_pipeline(pipe).get(pipe.model)
+            except PipelineError as error:
+                log.error("pipeline %s: model does not load: %s", pipe.name, error)
+            else:
+                log.info("pipeline %s: model %s %s loaded", pipe.name, segmenter.name, segmenter.version)
 
     def for_pipeline(self, pipe: PipelineConfig) -> SegmenterCache:
         cache = self._caches.get(pipe.name)
@@ -103,6 +117,7 @@ def segment_producer(cfg: Config, store: Store, spool: Spool) -> Callable[[JobRo
                                                                         list[OutboundFile]]:
     """The worker's producer for ``segment`` pipelines (models are loaded on first use and kept)."""
     segmenters = Segmenters(cfg)
+    segmenters.preload(cfg.pipelines)
     outbox = Spool(cfg.outbox_dir, fsync=cfg.storage.fsync)
 
     def produce(job: JobRow, pipe: PipelineConfig) -> list[OutboundFile]:
