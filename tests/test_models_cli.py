@@ -15,8 +15,6 @@ import yaml
 
 from scripts.tiny_models import NnUNetArch, monai_bundle, nnunet_model_folder
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -44,6 +42,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
                           check=False)
 
 
+@pytest.mark.slow
 def test_models_lists_every_pipeline_and_what_is_missing(config: Path) -> None:
     out = _run("models", "-c", str(config), "--json")
     assert out.returncode == 1, out.stderr
@@ -54,6 +53,7 @@ def test_models_lists_every_pipeline_and_what_is_missing(config: Path) -> None:
     assert "totalsegmentator" in table.stdout and "no: pipeline" not in table.stdout
 
 
+@pytest.mark.slow
 def test_models_check_loads_each_model_and_reports_it(config: Path) -> None:
     out = _run("models", "check", "-c", str(config), "--json")
     assert out.returncode == 1, out.stderr  # the TotalSegmentator pipeline does not load
@@ -68,8 +68,22 @@ def test_models_check_loads_each_model_and_reports_it(config: Path) -> None:
     assert rows["lungs"]["model"] == "dicomnode-classical-lung" and rows["lungs"]["loads"]
 
 
+@pytest.mark.slow
 def test_serve_refuses_to_start_when_a_model_cannot_load(config: Path) -> None:
     out = _run("serve", "-c", str(config))
     assert out.returncode == 1
     assert "pipeline 'total' cannot start" in out.stderr and "weights not found in" in out.stderr
     assert "totalseg_download_weights -t total" in out.stderr
+
+
+def test_example_config_documents_every_model_key() -> None:
+    import dataclasses
+
+    from dicomnode.config import PREPROCESS_STEPS, LabelCode, ModelConfig
+
+    text = (Path(__file__).resolve().parents[1] / "config" / "dicomnode.example.yaml").read_text()
+    keys = {f.name for f in dataclasses.fields(ModelConfig)} | {f.name for f in dataclasses.fields(LabelCode)}
+    for step in PREPROCESS_STEPS.values():
+        keys |= {f.name for f in dataclasses.fields(step)}
+    missing = sorted(k for k in keys if f"{k}:" not in text)
+    assert not missing and all(f"{{{name}:" in text for name in PREPROCESS_STEPS), missing
