@@ -67,14 +67,13 @@ def child(args: argparse.Namespace) -> None:
         jobs.append(time.perf_counter() - t)
     gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else 0.0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(json.dumps({"process_s": time.perf_counter() - args.started, "load_s": load_s, "jobs_s": jobs,
+    print(json.dumps({"load_s": load_s, "jobs_s": jobs,
                       "peak_rss_mib": rss, "peak_gpu_mib": gpu}))
 
 
 def run_child(kind: str, model: Path, series: Path, jobs: int, device: str, threads: int) -> dict[str, Any]:
-    started = time.time()
     cmd = [sys.executable, __file__, "--child", "--kind", kind, "--model", str(model), "--series", str(series),
-           "--jobs", str(jobs), "--device", device, "--threads", str(threads), "--started", "0"]
+           "--jobs", str(jobs), "--device", device, "--threads", str(threads)]
     wall = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, check=False,
                          env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -82,7 +81,6 @@ def run_child(kind: str, model: Path, series: Path, jobs: int, device: str, thre
         raise RuntimeError(out.stderr[-3000:])
     doc: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     doc["wall_s"] = time.perf_counter() - wall
-    doc["started"] = started
     return doc
 
 
@@ -103,7 +101,6 @@ def main() -> None:
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--series", help=argparse.SUPPRESS)
-    parser.add_argument("--started", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument("--jobs", type=int, default=3, help="jobs per resident worker (the first includes warm-up)")
     parser.add_argument("--cold", type=int, default=2, help="cold single-job processes per configuration")
     parser.add_argument("--volumes", nargs="+", default=["P01", "300"])
@@ -112,7 +109,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.child:
-        args.started = time.perf_counter() if not args.started else args.started
         child(args)
         return
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
