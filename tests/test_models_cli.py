@@ -87,3 +87,16 @@ def test_example_config_documents_every_model_key() -> None:
         keys |= {f.name for f in dataclasses.fields(step)}
     missing = sorted(k for k in keys if f"{k}:" not in text)
     assert not missing and all(f"{{{name}:" in text for name in PREPROCESS_STEPS), missing
+
+
+@pytest.mark.slow
+def test_process_runs_an_nnunet_pipeline_to_seg_sr_and_pictures(config: Path, tmp_path: Path) -> None:
+    from tests.conftest import series_dir
+
+    out = _run("process", str(series_dir("P03")), "--pipeline", "nn", "--out", str(tmp_path), "-c", str(config))
+    assert out.returncode == 0, out.stderr[-3000:]
+    kinds = sorted({p.name.split("_")[0] for p in tmp_path.iterdir()})
+    assert kinds == ["OT", "SEG", "SR"], kinds
+    sr = subprocess.run(["dciodvfy", str(next(tmp_path.glob("SR_*.dcm")))], capture_output=True, text=True,
+                        timeout=120, check=False)
+    assert [line for line in (sr.stdout + sr.stderr).splitlines() if line.startswith("Error")] == []
