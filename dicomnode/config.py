@@ -248,10 +248,132 @@ class SegmenterKind(str, enum.Enum):
     LUNG_UNET = "lung-unet"  # the U-Net shipped with the package (or one at model.path)
     UNET = "unet"  # a state-dict checkpoint of the package's U-Net at model.path
     TORCHSCRIPT = "torchscript"  # a TorchScript archive at model.path with its preprocessing spec
+    NNUNET = "nnunet"  # a trained nnU-Net v2 model folder at model.path
+    TOTALSEGMENTATOR = "totalsegmentator"  # a TotalSegmentator task; weights in model.weights (never downloaded)
+    MONAI_BUNDLE = "monai-bundle"  # a MONAI bundle folder at model.path
 
     @property
     def needs_path(self) -> bool:
-        return self in (SegmenterKind.UNET, SegmenterKind.TORCHSCRIPT)
+        return self in (SegmenterKind.UNET, SegmenterKind.TORCHSCRIPT, SegmenterKind.NNUNET,
+                        SegmenterKind.MONAI_BUNDLE)
+
+    @property
+    def path_is_folder(self) -> bool:
+        """``model.path`` names a folder (nnU-Net model, MONAI bundle), not a file."""
+        return self in (SegmenterKind.NNUNET, SegmenterKind.MONAI_BUNDLE)
+
+    @property
+    def takes_preprocess(self) -> bool:
+        """Kinds whose preprocessing is the node's declarative chain (the frameworks bring their own)."""
+        return self in (SegmenterKind.LUNG_UNET, SegmenterKind.UNET, SegmenterKind.TORCHSCRIPT)
+
+
+# ------------------------------------------------------------------------------ preprocessing steps
+@dataclass(frozen=True)
+class HuStep:
+    """``hu``: the volume must be CT in Hounsfield units (slope/intercept applied and padding turned to air at
+    load); values are clipped to [``min``, ``max``] HU."""
+
+    min: float = -1024.0
+    max: float = 3071.0
+
+
+@dataclass(frozen=True)
+class WindowStep:
+    """``window``: clip to [center - width/2, center + width/2] and scale linearly to [0, 1]; ``preset`` names
+    one of dicomnode.imaging.preprocess.WINDOWS instead (lung, mediastinum, bone, brain, ...)."""
+
+    center: float | None = None
+    width: float | None = None
+    preset: str | None = None
+
+
+@dataclass(frozen=True)
+class ResampleStep:
+    """``resample``: to ``spacing`` mm along (z, y, x) (one number: isotropic), linear interpolation. ``grid``:
+    ``extent`` keeps the volume's extent (n x spacing; trilinear, align_corners=False: the lung U-Net's
+    training convention) or ``centres`` keeps the first voxel's centre (the fast banded resampler)."""
+
+    spacing: tuple[float, ...] = (1.0, 1.0, 1.0)
+    grid: Literal["extent", "centres"] = "centres"
+
+
+@dataclass(frozen=True)
+class NormalizeStep:
+    """``normalize``: ``zscore`` ((x - mean) / std over the volume, or over ``low <= x <= high`` when given) or
+    ``minmax`` ([low, high], default the data's range, to [0, 1], clipped)."""
+
+    mode: Literal["zscore", "minmax"] = "zscore"
+    low: float | None = None
+    high: float | None = None
+
+
+@dataclass(frozen=True)
+class CropStep:
+    """``crop``: to the bounding box of the body (CT: the classical body mask) grown by ``margin`` voxels."""
+
+    to: Literal["body"] = "body"
+    margin: int = 2
+
+
+@dataclass(frozen=True)
+class PadStep:
+    """``pad``: with ``value`` at the end of each axis up to a ``multiple`` of voxels and at least ``shape``."""
+
+    multiple: int = 1
+    shape: tuple[int, ...] = ()
+    value: float = 0.0
+
+
+PreprocessStep = HuStep | WindowStep | ResampleStep | NormalizeStep | CropStep | PadStep
+PREPROCESS_STEPS: dict[str, type[Any]] = {"hu": HuStep, "window": WindowStep, "resample": ResampleStep,
+                                          "normalize": NormalizeStep, "crop": CropStep, "pad": PadStep}
+
+
+def _check_step(step: Any, where: str) -> None:
+    """Start-up checks of one preprocessing step's values (types were checked by the loader)."""
+    if isinstance(step, HuStep) and not step.max > step.min:
+        raise ConfigError(f"{where}.hu: max must exceed min")
+    if isinstance(step, WindowStep):
+        if (step.preset is None) == (step.center is None or step.width is None):
+            raise ConfigError(f"{where}.window: give center and width, or a preset")
+        if step.width is not None and step.width <= 0:
+            raise ConfigError(f"{where}.window.width: must be positive")
+    if isinstance(step, ResampleStep) and (len(step.spacing) not in (1, 3) or min(step.spacing) <= 0):
+        raise ConfigError(f"{where}.resample.spacing: one or three positive numbers (mm, z y x)")
+    if isinstance(step, NormalizeStep) and None not in (step.low, step.high) and not step.high > step.low:  # type: ignore[operator]
+        raise ConfigError(f"{where}.normalize: high must exceed low")
+    if isinstance(step, CropStep) and step.margin < 0:
+        raise ConfigError(f"{where}.crop.margin: must not be negative")
+    if isinstance(step, PadStep) and (step.multiple < 1 or len(step.shape) not in (0, 3) or
+                                      any(n < 1 for n in step.shape)):
+        raise ConfigError(f"{where}.pad: multiple >= 1 and shape empty or three positive sizes")
+
+
+def _parse_step(value: Any, where: str) -> Any:
+    """One item of ``model.preprocess``: a mapping with exactly one key, the step name, to its settings."""
+    if not isinstance(value, dict) or len(value) != 1:
+        raise ConfigError(f"{where}: expected one step such as {{window: {{center: -600, width: 1500}}}}")
+    name, settings = next(iter(value.items()))
+    if name not in PREPROCESS_STEPS:
+        raise ConfigError(f"{where}: unknown preprocessing step {name!r}; known: {', '.join(PREPROCESS_STEPS)}")
+    if name == "resample" and isinstance(settings, dict) and isinstance(settings.get("spacing"), (int, float)):
+        settings = {**settings, "spacing": [settings["spacing"]]}
+    step = _build(PREPROCESS_STEPS[name], settings, f"{where}.{name}")
+    _check_step(step, where)
+    return step
+
+
+@dataclass(frozen=True)
+class LabelCode:
+    """A SNOMED CT (or other scheme) code for a model's label name, adding to or overriding the package's
+    table (dicomnode.imaging.codes). ``laterality``: left | right | null."""
+
+    label: str
+    code: str
+    meaning: str
+    scheme: str = "SCT"
+    laterality: Literal["left", "right"] | None = None
 
 
 class OutputKind(str, enum.Enum):
@@ -301,7 +423,12 @@ class ModelConfig:
 
     ``kind``: ``lung``/``body``/``brain`` (classical, no weights), ``lung-unet`` (the U-Net shipped with the
     package, or ``path``), ``unet`` (a state-dict checkpoint of the package's U-Net at ``path``),
-    ``torchscript`` (a TorchScript archive at ``path`` with its preprocessing spec).
+    ``torchscript`` (a TorchScript archive at ``path`` with its preprocessing spec), ``nnunet`` (an nnU-Net v2
+    model folder at ``path``: ``folds``, ``checkpoint``, ``configuration``, ``tile_step``, ``mirroring``),
+    ``totalsegmentator`` (``task``, ``fast``, ``weights``), ``monai-bundle`` (a bundle folder at ``path``).
+    ``preprocess`` (unet/torchscript kinds) replaces the chain embedded with the model. ``codes`` add to or
+    override the label-name-to-SNOMED-CT table. Model folders, bundles and checkpoints can run code when
+    loaded (pickles, bundle expressions): only configure paths you trust.
     """
 
     kind: SegmenterKind = SegmenterKind.LUNG
@@ -309,6 +436,16 @@ class ModelConfig:
     batch_size: int = 2  # patches per forward pass; halved on CUDA out-of-memory
     overlap: float = 0.5  # sliding-window overlap, fraction of the patch
     amp: bool = True  # mixed precision on CUDA (ignored on the CPU)
+    preprocess: tuple[PreprocessStep, ...] = ()
+    folds: tuple[str, ...] = ()  # nnunet: fold numbers or "all"; empty = every fold with a checkpoint
+    checkpoint: str = "checkpoint_final.pth"  # nnunet
+    configuration: str | None = None  # nnunet: e.g. 3d_fullres; default: the checkpoint's
+    tile_step: float = 0.5  # nnunet: sliding-window step, fraction of the patch
+    mirroring: bool = True  # nnunet: test-time mirroring along the axes the model allows
+    task: str = "total"  # totalsegmentator: the task name (total, lung_vessels, ...)
+    fast: bool = False  # totalsegmentator: the task's 3 mm "fast" model
+    weights: Path | None = None  # totalsegmentator: its weights folder; default as TotalSegmentator decides
+    codes: tuple[LabelCode, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -482,6 +619,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return ()
         if isinstance(value, (str, dict)) or not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        if args[0] == PreprocessStep:
+            return tuple(_parse_step(item, f"{where}[{i}]") for i, item in enumerate(value))
         if args[0] is OutputKind:
             try:
                 return output_kinds(_convert(str, item, f"{where}[{i}]") for i, item in enumerate(value))
@@ -676,16 +815,41 @@ def _validate_ui(ui: UiConfig) -> None:
 
 def _validate_segment(pipe: PipelineConfig, where: str) -> None:
     model = pipe.model
-    if model.kind.needs_path and model.path is None:
-        raise ConfigError(f"{where}.model.path: required for model kind {model.kind.value!r}")
-    if model.path is not None and not model.path.is_file():
-        raise ConfigError(f"{where}.model.path: {model.path} does not exist")
-    if model.batch_size < 1 or not 0 <= model.overlap < 1:
-        raise ConfigError(f"{where}.model: batch_size must be >= 1 and overlap in [0, 1)")
+    _validate_model(model, f"{where}.model")
     if not 1 <= pipe.outputs.series_number_base <= 2**31 - 10:
         raise ConfigError(f"{where}.outputs.series_number_base: out of range")
     if pipe.volume.min_slices < 1:
         raise ConfigError(f"{where}.volume.min_slices: must be at least 1")
+
+
+def _validate_model(model: ModelConfig, where: str) -> None:
+    kind = model.kind
+    if kind.needs_path and model.path is None:
+        raise ConfigError(f"{where}.path: required for model kind {kind.value!r}")
+    if model.path is not None:
+        exists = model.path.is_dir() if kind.path_is_folder else model.path.is_file()
+        if not exists:
+            what = "folder" if kind.path_is_folder else "file"
+            raise ConfigError(f"{where}.path: {model.path} does not exist or is not a {what}")
+    if model.batch_size < 1 or not 0 <= model.overlap < 1:
+        raise ConfigError(f"{where}: batch_size must be >= 1 and overlap in [0, 1)")
+    geometric = [i for i, s in enumerate(model.preprocess) if isinstance(s, (ResampleStep, PadStep))]
+    for i, step in enumerate(model.preprocess):
+        if isinstance(step, CropStep) and geometric and geometric[0] < i:
+            raise ConfigError(f"{where}.preprocess[{i}].crop: crop must come before resample and pad steps")
+    if model.preprocess and not kind.takes_preprocess:
+        raise ConfigError(f"{where}.preprocess: only for kinds lung-unet, unet, torchscript "
+                          f"({kind.value!r} runs its framework's own preprocessing)")
+    if not 0 < model.tile_step <= 1:
+        raise ConfigError(f"{where}.tile_step: must be in (0, 1]")
+    for i, fold in enumerate(model.folds):
+        if not (fold.isdigit() or fold == "all"):
+            raise ConfigError(f"{where}.folds[{i}]: {fold!r} is not a fold number or 'all'")
+    if model.weights is not None and kind is SegmenterKind.TOTALSEGMENTATOR and not model.weights.is_dir():
+        raise ConfigError(f"{where}.weights: {model.weights} is not a folder")
+    labels = [c.label for c in model.codes]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{where}.codes: a label is coded twice")
 
 
 def parse_config(raw: Any) -> Config:

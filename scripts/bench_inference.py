@@ -68,7 +68,7 @@ def bench(volume: Volume, device: str, amp: bool, batch: int, repeats: int) -> R
     pred = _median_seconds(lambda: runner.predict(image), repeats)
     rest = _median_seconds(lambda: restore_labels(probs, volume.shape), repeats)
     peak = torch.cuda.max_memory_allocated() / 2**20 if runner.device.type == "cuda" else 0.0
-    patches = len(runner._windows(tuple(max(s, p) for s, p in zip(image.shape, runner.patch_size, strict=True))))
+    patches = runner.patch_count((int(image.shape[0]), int(image.shape[1]), int(image.shape[2])))
     label = f"{runner.device.type} {'amp' if amp and runner.device.type == 'cuda' else 'fp32'} batch {batch}"
     return Row(label, statistics.median(totals), min(totals), prep, pred, rest, patches, peak)
 

@@ -63,6 +63,9 @@ def test_every_kind_is_known_to_the_factory_and_the_encoder() -> None:
         if kind.needs_path:
             with pytest.raises(PipelineError, match="needs a model path"):
                 build_segmenter(kind)
+        elif kind is SegmenterKind.TOTALSEGMENTATOR:  # its weights folder (default: ~/.totalsegmentator) is empty
+            with pytest.raises(PipelineError, match="TotalSegmentator"):
+                build_segmenter(kind)
         else:
             assert build_segmenter(kind) is not None
     assert isinstance(build_segmenter("lung"), ClassicalSegmenter)  # values work as well as members

@@ -39,6 +39,7 @@ class LabelInfo:
     type: Code
     laterality: Code | None = None
     color_rgb: tuple[int, int, int] = (255, 0, 0)  # display colour for overlays and the SEG's recommended colour
+    description: str | None = None  # the SEG's SegmentDescription: e.g. that a generic code stands in
 
 
 LUNG_LEFT = LabelInfo(2, "Left lung", ANATOMICAL_STRUCTURE, Code("39607008", "SCT", "Lung"), LEFT, (80, 160, 255))

@@ -54,13 +54,18 @@ def _data_dtype(data: npt.NDArray[np.float32]) -> type[np.generic]:
     return np.float32
 
 
+def nifti_image(volume: Volume) -> Any:
+    """The ``nibabel.Nifti1Image`` :func:`write_nifti` saves for ``volume`` (in memory, not yet written)."""
+    return _image(volume.data, nifti_affine(volume), _data_dtype(volume.data))
+
+
 def write_nifti(volume: Volume, path: Path, mask: LabelVolume | None = None, mask_path: Path | None = None,
                 ) -> list[Path]:
     """Write ``volume`` to ``path`` (.nii or .nii.gz) and, if given, ``mask`` (uint8 labels, same grid) to
     ``mask_path`` (default: ``<path stem>_mask.nii.gz``). Returns the paths written."""
     path = Path(path)
     affine = nifti_affine(volume)
-    nib.save(_image(volume.data, affine, _data_dtype(volume.data)), str(path))
+    nib.save(nifti_image(volume), str(path))
     written = [path]
     if mask is not None:
         if mask.data.shape != volume.shape:

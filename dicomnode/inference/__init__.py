@@ -6,7 +6,10 @@ Typical use in a worker process (build once, segment many)::
     labels = cache.get("lung-unet").segment(volume)   # LabelVolume on volume's grid: 1 right, 2 left lung
 
 See :mod:`dicomnode.inference.segmenter` for the kinds, :mod:`dicomnode.inference.runner` for device, sliding
-window, mixed precision and out-of-memory handling, :mod:`dicomnode.inference.spec` for preprocessing.
+window, mixed precision and out-of-memory handling, :mod:`dicomnode.inference.spec` for a model's embedded
+preprocessing; the framework adapters :mod:`.nnunet`, :mod:`.totalseg`, :mod:`.monai_bundle` (sharing
+:mod:`.frameworks`) import their framework only when such a model is built; :mod:`.inventory` is what
+``dicomnode models`` and ``serve``'s start-up check use.
 The stage that runs models; may import :mod:`dicomnode.imaging`, ``config`` and ``errors``.
 """
 

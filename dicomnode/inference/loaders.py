@@ -45,6 +45,7 @@ class LoadedModel:
     name: str
     version: str
     metrics: dict[str, float]
+    path: Path | None = None  # where it was loaded from
 
 
 def save_unet_checkpoint(
@@ -91,7 +92,7 @@ def load_unet(path: Path | None = None) -> LoadedModel:
     model = UNet3D(config)
     model.load_state_dict(raw["state_dict"])
     metrics = {str(k): float(v) for k, v in dict(raw.get("metrics", {})).items()}
-    return LoadedModel(model.eval(), spec, str(raw["name"]), str(raw["version"]), metrics)
+    return LoadedModel(model.eval(), spec, str(raw["name"]), str(raw["version"]), metrics, path)
 
 
 def save_torchscript(
@@ -123,7 +124,7 @@ def load_torchscript(path: Path) -> LoadedModel:
     meta: dict[str, Any] = json.loads(meta_text) if meta_text else {}
     name = str(meta.get("name", path.stem))
     version = str(meta.get("version", "unversioned"))
-    return LoadedModel(module.eval(), PreprocessSpec.from_json(spec_text), name, version, {})
+    return LoadedModel(module.eval(), PreprocessSpec.from_json(spec_text), name, version, {}, path)
 
 
 def _text(value: str | bytes) -> str:

@@ -1,9 +1,10 @@
 """The preprocessing spec saved beside a model's weights, and the transforms it defines (and their inverse).
 
 A :class:`PreprocessSpec` is model-agnostic: it says how a :class:`~dicomnode.imaging.volume.Volume` becomes the
-network's input and how the network's output goes back onto the source grid. Training
-(``scripts/train_lung_unet.py``) and inference call the *same* functions below, so inference reproduces the
-training input exactly.
+network's input and how the network's output goes back onto the source grid. Its intensity and resampling
+fields are one declarative chain (:attr:`PreprocessSpec.steps`, run by :mod:`dicomnode.imaging.chain`; a
+pipeline's ``model.preprocess`` replaces it). Training (``scripts/train_lung_unet.py``) and inference call the
+*same* functions below, so inference reproduces the training input exactly.
 
 Normalisation (the seed tutorial 003 convention, "clip then min-max"): values (HU for CT) are clipped to
 ``[window_low, window_high]`` and scaled linearly to ``[0, 1]`` (``window_low`` -> 0, ``window_high`` -> 1).
@@ -24,8 +25,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-import torch.nn.functional as F
 
+from dicomnode.config import PreprocessStep, ResampleStep, WindowStep
+from dicomnode.imaging.chain import extent_shape, restore_extent, run_chain
 from dicomnode.imaging.volume import Volume
 
 SPEC_FORMAT = "dicomnode-preprocess/1"
@@ -66,6 +68,14 @@ class PreprocessSpec:
         return len(self.label_values) + 1
 
     @property
+    def steps(self) -> tuple[PreprocessStep, ...]:
+        """The spec as a declarative chain: window [window_low, window_high] to [0, 1], then resample to
+        ``target_spacing_mm`` keeping the extent (trilinear, align_corners=False)."""
+        width = self.window_high - self.window_low
+        return (WindowStep(center=self.window_low + width / 2.0, width=width),
+                ResampleStep(spacing=self.target_spacing_mm, grid="extent"))
+
+    @property
     def pad_value(self) -> float:
         """The normalised value of ``window_low`` (air for a CT lung window): what padding uses."""
         return 0.0
@@ -103,28 +113,14 @@ def resampled_shape(
     shape: tuple[int, int, int], spacing: tuple[float, float, float], target: tuple[float, float, float]
 ) -> tuple[int, int, int]:
     """Shape (z, y, x) of the grid covering the same extent at ``target`` spacing (mm), at least 1 voxel."""
-    z, y, x = (max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target, strict=True))
-    return (z, y, x)
-
-
-def normalise(data: npt.NDArray[np.float32], spec: PreprocessSpec) -> torch.Tensor:
-    """Clip to the spec's window and scale to [0, 1]; returns a float32 tensor of the same (z, y, x) shape."""
-    t = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
-    t = t.clamp(spec.window_low, spec.window_high)
-    return (t - spec.window_low) / (spec.window_high - spec.window_low)
+    return extent_shape(shape, spacing, target)
 
 
 def prepare_array(
     data: npt.NDArray[np.float32], spacing: tuple[float, float, float], spec: PreprocessSpec
 ) -> torch.Tensor:
-    """Model input (Z', Y', X') float32 on the CPU: normalised, then resampled to the target spacing."""
-    image = normalise(data, spec)
-    shape = (int(image.shape[0]), int(image.shape[1]), int(image.shape[2]))
-    target = resampled_shape(shape, spacing, spec.target_spacing_mm)
-    if target == shape:
-        return image
-    out = F.interpolate(image[None, None], size=target, mode="trilinear", align_corners=False)
-    return out[0, 0].contiguous()
+    """Model input (Z', Y', X') float32 on the CPU: the spec's chain (window, then resample to its spacing)."""
+    return run_chain(data, spacing, spec.steps, units="").image
 
 
 @dataclass(frozen=True)
@@ -174,7 +170,7 @@ class Orientation:
 
 def prepare(volume: Volume, spec: PreprocessSpec) -> torch.Tensor:
     """Model input for a Volume: re-oriented to the canonical orientation (:class:`Orientation`), then
-    :func:`prepare_array` (normalised, resampled to the target spacing). Modality must match the spec."""
+    :func:`prepare_array` (the spec's chain). Modality must match the spec."""
     if spec.modality and volume.modality != spec.modality:
         raise ValueError(f"model expects {spec.modality}, got {volume.modality}")
     orientation = Orientation.of(volume.affine)
@@ -190,24 +186,4 @@ def restore(volume: Volume, probs: torch.Tensor) -> npt.NDArray[np.uint8]:
     return np.asarray(orientation.undo(classes), dtype=np.uint8)
 
 
-def restore_labels(probs: torch.Tensor, shape: tuple[int, int, int], chunk: int = 8) -> npt.NDArray[np.uint8]:
-    """Arg-max class index (z, y, x) uint8 on the source grid ``shape`` from probabilities (C, Z', Y', X').
-
-    The inverse of :func:`prepare_array`'s resampling: trilinear interpolation with ``align_corners=False``,
-    done separably (z first on the small grid, then y/x bilinear ``chunk`` source slices at a time) so memory
-    stays at a few slices of the source grid. Ties go to the lower class index.
-    """
-    z_probs = probs.float()
-    if int(probs.shape[1]) != shape[0]:
-        size = (shape[0], int(probs.shape[2]), int(probs.shape[3]))
-        z_probs = F.interpolate(probs.float()[None], size=size, mode="trilinear", align_corners=False)[0]
-    out = np.empty(shape, dtype=np.uint8)
-    same_plane = (int(z_probs.shape[2]), int(z_probs.shape[3])) == shape[1:]
-    for start in range(0, shape[0], chunk):
-        part = z_probs[:, start : start + chunk].permute(1, 0, 2, 3)  # (k, C, Y', X')
-        if not same_plane:
-            part = F.interpolate(part, size=shape[1:], mode="bilinear", align_corners=False)
-        # arg-max over a trailing contiguous class axis: about 5x faster than over dim 1 on the CPU
-        last = part.permute(0, 2, 3, 1).contiguous()
-        out[start : start + chunk] = last.argmax(dim=-1).to(torch.uint8).numpy()
-    return out
+restore_labels = restore_extent  # the inverse of the spec's resampling (trilinear back, then arg-max)

@@ -276,6 +276,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from dicomnode.inference.inventory import preflight_config  # lazily: the frameworks import torch
     from dicomnode.ops.service import serve
 
     cfg = _config(args)
@@ -284,7 +285,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger(__name__).info(
             "no --config: running the embedded default (dicomnode config --print-defaults shows it); data in %s",
             cfg.storage.path)
+    preflight_config(cfg)  # a model that cannot load (e.g. missing weights) stops the node here, with the reason
     return serve(cfg)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """``models``: each segment pipeline's model and whether its files are there; ``models check``: load each
+    model as a worker would, with name, version, labels and device (exit code 1 when one does not load)."""
+    from dicomnode.inference import inventory  # lazily: loading models imports torch and the frameworks
+
+    cfg = _config(args)
+    if args.action == "check":
+        rows = inventory.check(cfg)
+        ok = all(r["loads"] for r in rows)
+        if not _emit(args, {"models": rows, "ok": ok}):
+            for r in rows:
+                print(f"{r['pipeline']}: {r['kind']} {r['source']}")
+                if r["loads"]:
+                    labels = ", ".join(f"{k} {v}" for k, v in r["labels"].items())
+                    print(f"  {r['model']} {r['version']} on {r['device']}: loads; labels: {labels}")
+                else:
+                    print(f"  does not load: {r['error']}")
+        return 0 if ok else 1
+    rows = inventory.listing(cfg)
+    if not _emit(args, {"models": rows}):
+        tables.table(("PIPELINE", "KIND", "SOURCE", "READY"),
+               [(r["pipeline"], r["kind"], r["source"], "yes" if r["ready"] else f"no: {r['problem']}")
+                for r in rows])
+    return 0 if all(r["ready"] for r in rows) else 1
 
 
 def _duration(text: str) -> float:
@@ -361,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("series_dir", metavar="SERIES_DIR")
     p.add_argument("--pipeline", help="pipeline name from the config (default: the only one there is)")
     p.add_argument("--out", required=True, help="output folder")
+    p = verb("models", cmd_models, "each segment pipeline's model; 'check' loads them (version, labels, device)")
+    p.add_argument("action", nargs="?", choices=["check"], help="load every model as a worker would")
     p = verb("convert", cmd_convert, "write a series folder as NIfTI (optionally with a mask)")
     p.add_argument("series_dir")
     p.add_argument("out", help="output .nii.gz path")

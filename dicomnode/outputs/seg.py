@@ -59,6 +59,8 @@ def segment_description(info: LabelInfo, number: int, ids: OutputIds, prov: Prov
         tracking_id=info.name[:64],
         display_color=hd.color.CIELabColor.from_rgb(*info.color_rgb),
     )
+    if info.description:
+        desc.SegmentDescription = info.description[:64]
     if info.laterality is not None:
         lat = info.laterality
         # (0062,0011) is nested in the Segmented Property Type Code Sequence item (PS3.3 C.8.20-4)

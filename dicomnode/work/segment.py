@@ -18,6 +18,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from dicomnode.config import Config, PipelineConfig
+from dicomnode.errors import PipelineError
 from dicomnode.imaging.volume import VolumeOptions, load_series
 from dicomnode.inference.runner import RunnerSettings
 from dicomnode.inference.segmenter import SegmenterCache
@@ -49,6 +50,19 @@ class Segmenters:
         self._device = cfg.worker.device.value
         self._caches: dict[str, SegmenterCache] = {}
 
+    def preload(self, pipes: Sequence[PipelineConfig]) -> None:
+        """Load every segment pipeline's model now (at worker start-up), so the first job does not pay for it
+        and a model that cannot load is reported at once; such a pipeline's jobs then fail with the reason."""
+        for pipe in pipes:
+            if pipe.kind != "segment":
+                continue
+            try:
+                segmenter = self.for_pipeline(pipe).get(pipe.model)
+            except PipelineError as error:
+                log.error("pipeline %s: model does not load: %s", pipe.name, error)
+            else:
+                log.info("pipeline %s: model %s %s loaded", pipe.name, segmenter.name, segmenter.version)
+
     def for_pipeline(self, pipe: PipelineConfig) -> SegmenterCache:
         cache = self._caches.get(pipe.name)
         if cache is None:
@@ -73,7 +87,7 @@ def make_outputs(files: Sequence[Path], pipe: PipelineConfig, segmenters: Segmen
                                                             irregular=pipe.volume.irregular))
     t1 = time.monotonic()
     report("inference", 0.3)
-    segmenter = segmenters.for_pipeline(pipe).get(pipe.model.kind, pipe.model.path)
+    segmenter = segmenters.for_pipeline(pipe).get(pipe.model)
     labels = segmenter.segment(volume)
     t2 = time.monotonic()
     report("encode", 0.7)
@@ -103,6 +117,7 @@ def segment_producer(cfg: Config, store: Store, spool: Spool) -> Callable[[JobRo
                                                                         list[OutboundFile]]:
     """The worker's producer for ``segment`` pipelines (models are loaded on first use and kept)."""
     segmenters = Segmenters(cfg)
+    segmenters.preload(cfg.pipelines)
     outbox = Spool(cfg.outbox_dir, fsync=cfg.storage.fsync)
 
     def produce(job: JobRow, pipe: PipelineConfig) -> list[OutboundFile]:

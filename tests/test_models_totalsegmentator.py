@@ -1,0 +1,112 @@
+"""TotalSegmentator: the node's labels (models resident) equal, voxel for voxel, what TotalSegmentator's own Python
+API writes for the NIfTI of the same series, with tiny random models placed in a weights folder under the
+dataset names TotalSegmentator looks for (its ``fast`` total task: Dataset297, 117 classes). And the start-up
+error, naming the folders looked for, when the weights are missing.
+
+The judge runs in a subprocess with TotalSegmentator's environment (TOTALSEG_HOME_DIR with usage statistics
+off, TOTALSEG_WEIGHTS_PATH). One workaround, the same as the node's: the fast model's trainer
+(nnUNetTrainer_4000epochs_NoMirroring) is registered in TotalSegmentator's own ``custom_trainers`` table, because
+nnU-Net's trainer search would otherwise import its Primus trainers, hence timm and the registry's torchvision,
+which cannot load next to the CPU torch here. The trainer only builds the network from the plans.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dicomnode.config import ModelConfig, SegmenterKind
+from dicomnode.errors import PipelineError
+from dicomnode.imaging.volume import Volume, load_series_dir
+from dicomnode.inference.segmenter import build_segmenter
+from dicomnode.inference.totalseg import TotalSegmentatorSegmenter
+from scripts.tiny_models import totalsegmentator_weights
+from tests.conftest import series_dir
+from tests.model_checks import convert, nifti_labels, seg_round_trip
+
+pytestmark = pytest.mark.slow
+TRAINER = ("nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs_NoMirroring",
+           "nnUNetTrainer_4000epochs_NoMirroring")
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("totalseg") / "weights"
+    totalsegmentator_weights(folder, "total", fast=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def p03() -> Volume:
+    return load_series_dir(series_dir("P03"))
+
+
+def _api(nifti: Path, out: Path, weights: Path, home: Path) -> None:
+    home.mkdir()
+    (home / "config.json").write_text(json.dumps({"totalseg_id": "totalseg_test", "send_usage_stats": False,
+                                                  "prediction_counter": 0, "statistics_disclaimer_shown": True}))
+    env = dict(os.environ, TOTALSEG_HOME_DIR=str(home), TOTALSEG_WEIGHTS_PATH=str(weights),
+               nnUNet_results=str(weights), nnUNet_raw=str(weights), nnUNet_preprocessed=str(weights))
+    code = (f"import totalsegmentator.nnunet as tsn; from {TRAINER[0]} import {TRAINER[1]} as T; "
+            "tsn.custom_trainers[T.__name__] = T; "
+            "from totalsegmentator.python_api import totalsegmentator; "
+            f"totalsegmentator({str(nifti)!r}, {str(out)!r}, task='total', fast=True, ml=True, device='cpu', "
+            "quiet=True)")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_node_equals_totalsegmentator_api_voxel_for_voxel(weights: Path, p03: Volume, tmp_path: Path) -> None:
+    convert(series_dir("P03"), tmp_path / "ct.nii.gz")
+    _api(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", weights, tmp_path / "home")
+    judge = nifti_labels(tmp_path / "seg.nii.gz", p03)
+    assert np.unique(judge).size > 20  # the image decides the class
+    assert int((judge != judge[:, :, ::-1]).sum()) > 100_000
+
+    model = ModelConfig(kind=SegmenterKind.TOTALSEGMENTATOR, task="total", fast=True, weights=weights)
+    segmenter = build_segmenter(model)
+    assert isinstance(segmenter, TotalSegmentatorSegmenter)
+    predictor = segmenter.models[297][0]
+    labels = segmenter.segment(p03)
+    assert np.array_equal(labels.data, judge), int((labels.data != judge).sum())
+    assert np.array_equal(segmenter.segment(p03).data, judge) and segmenter.models[297][0] is predictor
+    assert labels.algorithm_name == "TotalSegmentator total fast" and labels.algorithm_version.endswith("/297")
+    names = {i.value: i.name for i in labels.labels}
+    assert len(names) == 117 and names[5] == "liver"
+    seg = seg_round_trip(p03, labels, tmp_path)
+    liver = [s for s in seg.SegmentSequence if s.SegmentLabel == "liver"][0]
+    assert liver.SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
+    coded = [s for s in seg.SegmentSequence if "no SNOMED CT code" in str(s.get("SegmentDescription", ""))]
+    assert len(coded) < 5, [s.SegmentLabel for s in coded]  # TotalSegmentator's own mapping codes nearly all
+
+
+def test_missing_weights_fail_at_start_up_naming_the_folders(tmp_path: Path) -> None:
+    model = ModelConfig(kind=SegmenterKind.TOTALSEGMENTATOR, task="total", fast=True, weights=tmp_path)
+    with pytest.raises(PipelineError) as info:
+        TotalSegmentatorSegmenter(model, torch.device("cpu"))
+    text = str(info.value)
+    assert f"weights not found in {tmp_path}" in text
+    folder = ("Dataset297_TotalSegmentator_total_3mm_1559subj/"
+              "nnUNetTrainer_4000epochs_NoMirroring__nnUNetPlans__3d_fullres")
+    assert folder in text and "never downloads" in text and "totalseg_download_weights -t total" in text
+    multi = ModelConfig(kind=SegmenterKind.TOTALSEGMENTATOR, task="total", weights=tmp_path)
+    with pytest.raises(PipelineError, match="Dataset291_.*Dataset292_.*Dataset295_"):
+        TotalSegmentatorSegmenter(multi, torch.device("cpu"))
+
+
+def test_tasks_that_cannot_stay_resident_are_refused(tmp_path: Path) -> None:
+    for task in ("lung_vessels", "body"):
+        with pytest.raises(PipelineError, match=f"task '{task}' needs a crop model"):
+            TotalSegmentatorSegmenter(ModelConfig(kind=SegmenterKind.TOTALSEGMENTATOR, task=task, weights=tmp_path),
+                                      torch.device("cpu"))
+    with pytest.raises(PipelineError, match="Unknown task"):
+        TotalSegmentatorSegmenter(ModelConfig(kind=SegmenterKind.TOTALSEGMENTATOR, task="nope", weights=tmp_path),
+                                  torch.device("cpu"))
