@@ -133,6 +133,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     for job in job_docs:
         print(f"\njob {job['id']}: {job['pipeline']} {job['state']}, {job['attempts']} attempt(s)"
               + (f": {job['error']}" if job["error"] else ""))
+        ran = job.get("inference")
+        if ran:
+            where = f"Ray node {ran['node_ip']} {ran['node_id'][:12]}, actor {ran['actor_id'][:12]} (replica " \
+                    f"{ran['replica']})" if ran["engine"] == "ray" else f"{ran['node_ip']} (local, pid {ran['pid']})"
+            print(f"  inference on {where}: {ran['seconds']:.2f} s after {ran['wait_seconds']:.2f} s waiting")
         outputs = doc["outputs"] if doc["kind"] == "job" else job["outputs"]
         rows = [[o["sop_uid"], d["destination"], d["state"],
                  "-" if d["status"] is None else f"0x{d['status']:04X}", d["detail"]]

@@ -150,18 +150,25 @@ def renew_lease(store: Store, job_id: int, owner: str, *, now: float, lease_seco
 
 def finish(store: Store, job: JobRow, owner: str, *, now: float, error: DicomNodeError | None,
            backoff: Backoff) -> JobState:
-    """End an attempt: DONE, QUEUED again after a backoff (retryable error), or FAILED. Returns the state."""
+    """End an attempt: DONE, QUEUED again after a backoff (retryable error), or FAILED. Returns the state.
+
+    A retryable error with ``counts_attempt`` False (the engine was unavailable) gives the attempt back, so
+    such a job is retried at the base delay for as long as it takes, never FAILED."""
     with store.transaction() as conn:
         row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job.id,)).fetchone()
         if row is None or row["state"] != JobState.RUNNING.value or row["lease_owner"] != owner:
             return JobState(row["state"]) if row else JobState.CANCELLED  # cancelled or taken over meanwhile
         attempts = row["attempts"]
+        if error is not None and error.retryable and not error.counts_attempt:  # the engine, not the job
+            attempts -= 1
+            conn.execute("UPDATE jobs SET attempts = ? WHERE id = ?", (attempts, job.id))
         if error is None:
             state, next_at, message = JobState.DONE, now, "done"
         elif error.retryable and attempts < backoff.max_attempts:
             delay = backoff.delay(attempts)
             state, next_at = JobState.QUEUED, now + delay
-            message = f"attempt {attempts} failed (retryable), retry in {delay:g} s: {error}"
+            counted = f"attempt {attempts} failed" if error.counts_attempt else "attempt not counted"
+            message = f"{counted} (retryable), retry in {delay:g} s: {error}"
         else:
             state, next_at = JobState.FAILED, now
             why = "permanent error" if not error.retryable else f"gave up after {attempts} attempts"
