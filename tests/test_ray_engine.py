@@ -10,6 +10,7 @@ it for this process and the node's processes, so everything stays on loopback. T
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 import torch
@@ -285,3 +287,32 @@ def test_a_replica_killed_mid_job_makes_a_retryable_attempt_and_the_job_ends_don
     assert [e["kind"] for e in shown["events"]].count("job.inference") == 1  # only the attempt that finished
     instances = pacs.get("/instances")
     assert len(instances) == before + 1  # the SEG once: no duplicate from the killed attempt
+
+
+def test_the_engine_returns_the_local_labels_and_a_new_configuration_retires_the_old_replicas(
+        cluster: dict[str, Any], tmp_path: Path) -> None:
+    import ray
+
+    from dicomnode.config import RayConfig, RayPlacement
+    from dicomnode.imaging.volume import load_series
+    from dicomnode.inference.remote import RayEngine
+    from dicomnode.inference.segmenter import ClassicalSegmenter, build_segmenter
+
+    volume = load_series(resliced_ct(tmp_path / "s", 10))
+    engine = RayEngine(RayConfig(address=cluster["address"], namespace=NAMESPACE), "test")
+    place = RayPlacement(replicas=1, num_gpus=0.0, num_cpus=0.0, resources={})
+    builder = functools.partial(build_segmenter, "lung")
+    labels, where = engine.segment("retire", place, builder, "v1", volume)
+    assert np.array_equal(labels.data, ClassicalSegmenter.lung().segment(volume).data)
+    assert where.engine == "ray" and where.node_id in cluster["nodes"] and where.replica == 0
+    other = RayEngine(RayConfig(address=cluster["address"], namespace=NAMESPACE), "test")
+    other.pool("retire.v2", place, builder, "v1")  # another pipeline whose name starts the same way
+
+    def named(prefix: str) -> set[str]:
+        return {n for n in ray.util.list_named_actors() if n.startswith(prefix)}
+
+    old = named("retire.") - named("retire.v2.")
+    assert len(old) == 2  # the gate and one replica
+    RayEngine(RayConfig(address=cluster["address"], namespace=NAMESPACE), "test").pool("retire", place, builder, "v2")
+    wait_until(lambda: not (named("retire.") & old), 30, "the old configuration's actors to go")
+    assert len(named("retire.") - named("retire.v2.")) == 2 and len(named("retire.v2.")) == 2

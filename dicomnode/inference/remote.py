@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -175,8 +176,9 @@ class ReplicaPool:
     def _retire_stale(self) -> None:
         """Kill this pipeline's actors of an older configuration (they hold GPUs the new ones need)."""
         ray = _ray()
+        ours = re.compile(rf"^{re.escape(self.pipeline)}\.[0-9a-f]{{10}}\.(gate|replica-\d+)$")
         for name in ray.util.list_named_actors():
-            if name.startswith(f"{self.pipeline}.") and not name.startswith(f"{self.prefix}."):
+            if ours.match(name) and not name.startswith(f"{self.prefix}."):
                 try:
                     ray.kill(ray.get_actor(name))
                     log.info("pipeline %s: retired %s (older configuration)", self.pipeline, name)
@@ -249,6 +251,8 @@ class ReplicaPool:
             ref = ray.put(dataclasses.replace(volume, headers=()))
             labels, where = ray.get(replica.segment.remote(ref), timeout=self.cfg.call_timeout_seconds)
         except ray.exceptions.RayError as exc:
+            if isinstance(exc, ray.exceptions.GetTimeoutError):  # still busy with it: restart, never queue behind
+                ray.kill(self._replica(slot), no_restart=False)
             self._handles.pop(f"{self.prefix}.replica-{slot}", None)
             self._ready_slots.discard(slot)
             raise _failure(exc, f"pipeline {self.pipeline} replica {slot}") from None
