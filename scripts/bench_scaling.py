@@ -11,7 +11,7 @@ Ray engine's overhead per job.
    same call with a tiny payload (the call's fixed cost). On one machine "the other node" is another raylet and
    object store on loopback: a copy through Ray's object manager, no network.
 
-    python scripts/bench_scaling.py [--writers 2] [--repeats 5]
+    python scripts/bench_scaling.py [--writers 2] [--repeats 5] [--instances 3000] [--slices 300]
 """
 
 from __future__ import annotations
@@ -89,16 +89,15 @@ def _parallel(target: Any, db: Path, writers: int, *args: Any) -> float:
     return max(times)
 
 
-def store_rates(writers: int, outputs: int) -> None:
+def store_rates(writers: int, outputs: int, n: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
         db = Path(tmp) / "dicomnode.sqlite3"
         Store(db)
-        n = 3000
         seconds = _parallel(_record, db, writers, n)
         print(f"store: {writers * n / seconds:.0f} instances recorded/s ({writers} writer processes, one"
               f" transaction each)")
         store = Store(db)
-        n_jobs = 300
+        n_jobs = max(n // 10, 1)
         for s in range(writers * n_jobs):
             store.record_instance(_meta(f"8.{s}", 0), Path(f"/spool/j/{s}"), 1, now=0.0, reprocess_late=True)
         jobs.promote(store, lambda row: Route(("p",), "bench"), now=100.0, quiet_seconds=1)
@@ -107,7 +106,7 @@ def store_rates(writers: int, outputs: int) -> None:
               f" claim .. finish with {outputs} deliveries each)")
 
 
-def ray_overhead(repeats: int) -> None:
+def ray_overhead(repeats: int, slices: int) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
@@ -123,11 +122,11 @@ def ray_overhead(repeats: int) -> None:
 
         actor = Echo.remote()  # type: ignore[attr-defined]
         small = np.zeros((1, 8, 8), dtype=np.float32)
-        big = np.random.default_rng(0).normal(0, 300, (300, 512, 512)).astype(np.float32)
+        big = np.random.default_rng(0).normal(0, 300, (slices, 512, 512)).astype(np.float32)
         ray.get(actor.labels.remote(ray.put(small)))
-        rows: dict[str, list[float]] = {"tiny": [], "300x512x512": []}
+        rows: dict[str, list[float]] = {"tiny": [], f"{slices}x512x512": []}
         for _ in range(repeats):
-            for name, volume in (("tiny", small), ("300x512x512", big)):
+            for name, volume in (("tiny", small), (f"{slices}x512x512", big)):
                 started = time.perf_counter()
                 ray.get(actor.labels.remote(ray.put(volume)))
                 rows[name].append(time.perf_counter() - started)
@@ -144,9 +143,11 @@ def main() -> int:
     parser.add_argument("--writers", type=int, default=2)
     parser.add_argument("--outputs", type=int, default=28, help="deliveries per job (CT300: 28 objects)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--instances", type=int, default=3000, help="instances per writer (jobs: a tenth)")
+    parser.add_argument("--slices", type=int, default=300, help="slices of 512x512 float32 sent to Ray")
     args = parser.parse_args()
-    store_rates(args.writers, args.outputs)
-    ray_overhead(args.repeats)
+    store_rates(args.writers, args.outputs, args.instances)
+    ray_overhead(args.repeats, args.slices)
     return 0
 
 
