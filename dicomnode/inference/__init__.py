@@ -6,7 +6,9 @@ Typical use in a worker process (build once, segment many)::
     labels = cache.get("lung-unet").segment(volume)   # LabelVolume on volume's grid: 1 right, 2 left lung
 
 See :mod:`dicomnode.inference.segmenter` for the kinds, :mod:`dicomnode.inference.runner` for device, sliding
-window, mixed precision and out-of-memory handling, :mod:`dicomnode.inference.spec` for preprocessing.
+window, mixed precision and out-of-memory handling, :mod:`dicomnode.inference.spec` for preprocessing, and
+:mod:`dicomnode.inference.remote` for the Ray engine (segmenters resident in Ray actors; not imported here, so
+the local engine never imports Ray).
 The stage that runs models; may import :mod:`dicomnode.imaging`, ``config`` and ``errors``.
 """
 
