@@ -16,7 +16,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -47,6 +47,13 @@ class LateInstancePolicy(str, enum.Enum):
 
     REPROCESS = "reprocess"  # reopen the series; it is completed and processed again
     IGNORE = "ignore"  # store the instance, record it, do not process again
+
+
+class Engine(str, enum.Enum):
+    """Where a worker's models run: in the worker process, or in Ray actors (``ray`` section)."""
+
+    LOCAL = "local"  # resident in each worker process; needs no Ray
+    RAY = "ray"  # resident in Ray actors on nodes with the resources asked for; the worker keeps the job
 
 
 class DevicePreference(str, enum.Enum):
@@ -163,6 +170,52 @@ class WorkerConfig:
     backoff_max_seconds: float = 1800.0
     backoff_jitter: float = 0.5  # fraction of each retry delay drawn at random (0 = none, 1 = anywhere up to it)
     device: DevicePreference = DevicePreference.AUTO
+    engine: Engine = Engine.LOCAL
+
+
+@dataclass(frozen=True)
+class RayPlacement:
+    """A pipeline's replicas on Ray: how many, and what each reserves. None takes the ``ray`` section's value.
+
+    ``num_gpus`` and ``num_cpus`` are Ray's per-actor reservations (fractions allowed); ``resources`` are
+    custom Ray resources by name (e.g. ``{gpu_slot: 1}``), merged over the ``ray`` section's.
+    """
+
+    replicas: int | None = None
+    num_gpus: float | None = None
+    num_cpus: float | None = None
+    resources: Mapping[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """The Ray engine (``worker.engine: ray``); ignored, and Ray never imported, with the local engine.
+
+    ``address``: ``auto`` (the cluster this machine belongs to: ``RAY_ADDRESS`` or the one ``ray start``
+    recorded), ``local`` (each worker process starts a private single-machine Ray), ``host:port`` (the head's
+    GCS) or ``ray://host:port`` (Ray Client). Replicas are named Ray actors in ``namespace`` shared by every
+    worker process; at most ``replicas`` jobs per pipeline are in Ray at once. Seconds throughout.
+    """
+
+    address: str = "auto"
+    namespace: str = "dicomnode"
+    replicas: int = 1  # per pipeline, unless the pipeline's ``ray`` says otherwise
+    num_gpus: float = 0.0  # per replica: 1 on a GPU cluster (Ray sets CUDA_VISIBLE_DEVICES for the actor)
+    num_cpus: float = 1.0  # per replica
+    resources: Mapping[str, float] = field(default_factory=dict)  # custom Ray resources per replica
+    replica_wait_seconds: float = 300.0  # a job waits this long for a free replica, then retries later
+    call_timeout_seconds: float = 600.0  # one inference on a replica; longer: the attempt fails, retryable
+    max_restarts: int = -1  # Ray restarts a dead replica this often (-1: always)
+    connect_timeout_seconds: float = 15.0  # to reach the cluster (start-up check and reconnects)
+
+    def placement(self, pipe: RayPlacement) -> RayPlacement:
+        """A pipeline's placement with every None filled from this section (resources merged)."""
+        return RayPlacement(
+            replicas=self.replicas if pipe.replicas is None else pipe.replicas,
+            num_gpus=self.num_gpus if pipe.num_gpus is None else pipe.num_gpus,
+            num_cpus=self.num_cpus if pipe.num_cpus is None else pipe.num_cpus,
+            resources={**self.resources, **(pipe.resources or {})},
+        )
 
 
 class DestinationKind(str, enum.Enum):
@@ -484,6 +537,7 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     volume: VolumeConfig = field(default_factory=VolumeConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    ray: RayPlacement = field(default_factory=RayPlacement)  # with worker.engine: ray
 
 
 @dataclass(frozen=True)
@@ -560,6 +614,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     completion: CompletionConfig = field(default_factory=CompletionConfig)
     worker: WorkerConfig = field(default_factory=WorkerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     destinations: tuple[Destination, ...] = ()
     pipelines: tuple[PipelineConfig, ...] = ()
     rules: tuple[Rule, ...] = ()
@@ -627,6 +682,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             except ValueError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
         return tuple(_convert(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
+    if origin is Mapping:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return {_convert(args[0], k, where): _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build(typing.cast(type[Any], tp), value, where)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
@@ -727,6 +786,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("worker.backoff_jitter: must lie between 0 and 1")
     _check_port(cfg.metrics.port, "metrics.port")
     _validate_ui(cfg.ui)
+    _validate_ray(cfg)
     names: set[str] = set()
     for i, dest in enumerate(cfg.destinations):
         where = f"destinations[{i}]"
@@ -850,6 +910,35 @@ def _validate_model(model: ModelConfig, where: str) -> None:
     labels = [c.label for c in model.codes]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"{where}.codes: a label is coded twice")
+
+
+_RAY_ADDRESS_RE = re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5})$")
+
+
+def _validate_ray(cfg: Config) -> None:
+    """The ``ray`` section and every pipeline's ``ray`` placement (checked whatever the engine)."""
+    ray = cfg.ray
+    if not _RAY_ADDRESS_RE.match(ray.address):
+        raise ConfigError(f"ray.address: {ray.address!r} is not auto, local, host:port or ray://host:port")
+    for name in ("replica_wait_seconds", "call_timeout_seconds", "connect_timeout_seconds"):
+        if getattr(ray, name) <= 0:
+            raise ConfigError(f"ray.{name}: must be positive")
+    if ray.max_restarts < -1:
+        raise ConfigError("ray.max_restarts: must be -1 (always) or at least 0")
+    _check_placement(ray.placement(RayPlacement()), "ray")
+    for i, pipe in enumerate(cfg.pipelines):
+        _check_placement(ray.placement(pipe.ray), f"pipelines[{i}].ray")
+
+
+def _check_placement(place: RayPlacement, where: str) -> None:
+    if place.replicas is None or place.replicas < 1:
+        raise ConfigError(f"{where}.replicas: must be at least 1")
+    for name, amount in (("num_gpus", place.num_gpus), ("num_cpus", place.num_cpus)):
+        if amount is None or amount < 0:
+            raise ConfigError(f"{where}.{name}: must not be negative")
+    for name, amount in (place.resources or {}).items():
+        if not name or amount <= 0:
+            raise ConfigError(f"{where}.resources.{name}: must be a named, positive amount")
 
 
 def parse_config(raw: Any) -> Config:

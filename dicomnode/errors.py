@@ -8,9 +8,15 @@ from __future__ import annotations
 
 
 class DicomNodeError(Exception):
-    """Root of all dicomnode errors. ``retryable`` is False unless a subclass says otherwise."""
+    """Root of all dicomnode errors. ``retryable`` is False unless a subclass says otherwise.
+
+    ``counts_attempt``: whether a retryable failure uses up one of ``worker.max_attempts``; False only when
+    the job was not at fault (the inference engine could not be reached), so such a job waits and retries
+    without ever failing for good.
+    """
 
     retryable: bool = False
+    counts_attempt: bool = True
 
 
 class ConfigError(DicomNodeError):
@@ -38,6 +44,16 @@ class TransientError(DicomNodeError):
     """A failure that may go away by itself: a peer is down, out of resources, a timeout."""
 
     retryable = True
+
+
+class EngineUnavailable(TransientError):
+    """The inference engine (a Ray cluster) cannot be reached, or had no free replica in time.
+
+    Retryable, and the attempt does not count: the job waits (backoff at the base delay) until the engine is back.
+    A replica that dies while running a job is a plain :class:`TransientError` (the job may be what kills it).
+    """
+
+    counts_attempt = False
 
 
 class DeliveryError(DicomNodeError):

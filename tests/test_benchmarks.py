@@ -36,3 +36,25 @@ def test_latency_benchmark_reports_both_rules() -> None:
     assert quiet > 4.0  # the quiet period alone decided: at least its length
     assert complete_after < 4.0  # the evidence decided before the quiet period ended
     assert "stages:" in out.stdout
+
+
+def _run(*args: str) -> str:
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return out.stdout
+
+
+def test_ray_benchmark_reports_one_and_two_replicas_on_both_nodes() -> None:
+    text = _run("scripts/bench_ray.py", "--model", "lung", "--jobs", "1", "--slices", "8")
+    one = re.search(r"1 replica\(s\): 1 series in [\d.]+ s = \d+ series/h \(Ray nodes used: (\w+)\)", text)
+    two = re.search(r"2 replica\(s\): 1 series in [\d.]+ s = \d+ series/h \(Ray nodes used: ([\w, ]+)\)", text)
+    assert one and two, text
+    assert re.search(r"2 replicas / 1 replica = [\d.]+", text)
+
+
+def test_scaling_and_batching_benchmarks_report_their_numbers() -> None:
+    text = _run("scripts/bench_scaling.py", "--instances", "100", "--repeats", "1", "--slices", "10")
+    assert re.search(r"store: \d+ instances recorded/s", text) and re.search(r"store: \d+ segment jobs/s", text)
+    assert re.search(r"ray: .*10x512x512: median \d+ ms", text), text
+    text = _run("scripts/bench_batching.py", "--repeats", "1")
+    assert re.search(r"per job / across jobs = [\d.]+", text), text

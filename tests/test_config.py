@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.config import LateInstancePolicy, load_config, parse_config
+from dicomnode.config import Engine, LateInstancePolicy, RayPlacement, load_config, parse_config
 from dicomnode.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +25,9 @@ def test_example_config_loads_and_documents_every_key() -> None:
     text = example.read_text()
     for key in ("ae_title", "allowed_calling_aets", "quiet_seconds", "on_late_instance", "min_free_mb",
                 "lease_seconds", "max_attempts", "destinations", "pipelines", "rules", "unmatched",
-                "url", "auth", "password_env", "token_env", "verify_tls", "ca_file", "timeout_seconds", "path"):
+                "url", "auth", "password_env", "token_env", "verify_tls", "ca_file", "timeout_seconds", "path",
+                "engine", "replicas", "num_gpus", "num_cpus", "resources", "replica_wait_seconds",
+                "call_timeout_seconds", "max_restarts", "connect_timeout_seconds", "namespace"):
         assert f"{key}:" in text
 
 
@@ -59,11 +61,34 @@ def test_example_config_loads_and_documents_every_key() -> None:
                                               "match": {"series_description": "("}}]}, "bad regular expression"),
     ({"pipelines": [{"name": "p", "kind": "segment", "model": {"kind": "unet"}}]}, "model.path: required"),
     ({"pipelines": [{"name": "p", "kind": "segment", "outputs": {"kinds": ["sr"]}}]}, "needs 'seg' too"),
+    ({"worker": {"engine": "dask"}}, "worker.engine: 'dask' is not one of 'local', 'ray'"),
+    ({"ray": {"address": "http://head:8265"}}, "ray.address: 'http://head:8265' is not auto, local, host:port"),
+    ({"ray": {"replicas": 0}}, "ray.replicas: must be at least 1"),
+    ({"ray": {"resources": ["gpu_slot"]}}, "ray.resources: expected a mapping, got list"),
+    ({"ray": {"resources": {"gpu_slot": "one"}}}, "ray.resources.gpu_slot: expected a number"),
+    ({"pipelines": [{"name": "p", "ray": {"num_gpus": -1}}]}, "pipelines[0].ray.num_gpus: must not be negative"),
+    ({"pipelines": [{"name": "p", "ray": {"resources": {"gpu_slot": 0}}}]},
+     "pipelines[0].ray.resources.gpu_slot: must be a named, positive amount"),
+    ({"ray": {"call_timeout_seconds": 0}}, "ray.call_timeout_seconds: must be positive"),
 ])
 def test_invalid_configs_are_rejected_with_the_key_named(raw: object, message: str) -> None:
     with pytest.raises(ConfigError, match=None) as info:
         parse_config(raw)
     assert message in str(info.value)
+
+
+def test_the_ray_engine_is_off_by_default_and_pipelines_override_the_ray_section() -> None:
+    assert parse_config(None).worker.engine is Engine.LOCAL
+    cfg = parse_config({"worker": {"engine": "ray"},
+                        "ray": {"address": "ray://head.example:10001", "replicas": 2, "num_gpus": 1,
+                                "resources": {"gpu_slot": 1}},
+                        "pipelines": [{"name": "a", "kind": "segment"},
+                                      {"name": "b", "kind": "segment",
+                                       "ray": {"replicas": 4, "num_gpus": 0.5, "resources": {"a100": 1}}}]})
+    assert cfg.worker.engine is Engine.RAY
+    a, b = (cfg.ray.placement(p.ray) for p in cfg.pipelines)
+    assert a == RayPlacement(replicas=2, num_gpus=1.0, num_cpus=1.0, resources={"gpu_slot": 1.0})
+    assert b == RayPlacement(replicas=4, num_gpus=0.5, num_cpus=1.0, resources={"gpu_slot": 1.0, "a100": 1.0})
 
 
 def test_relative_storage_path_is_relative_to_the_config_file(tmp_path: Path) -> None:

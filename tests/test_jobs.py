@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dicomnode.config import parse_config
-from dicomnode.errors import PipelineError, TransientError
+from dicomnode.errors import EngineUnavailable, PipelineError, TransientError
 from dicomnode.outputs.scu import ScuSettings
 from dicomnode.state import jobs
 from dicomnode.state.jobs import Backoff, Route
@@ -136,6 +136,26 @@ def test_retry_delays_are_jittered_so_a_returning_pacs_is_not_hit_all_at_once(st
     assert len({round(d, 3) for d in first}) == 40 and max(first) - min(first) > 20  # spread, not a burst
     second = fail_all(random.Random(7), T0 + 1000)  # attempt 2, same seed: the same draws, twice the delay
     assert second == pytest.approx([2 * d for d in first])
+
+
+def test_an_unavailable_engine_waits_and_retries_without_using_up_attempts(store: Store) -> None:
+    receive(store, 1, at=T0)
+    jobs.promote(store, lambda s: always("p"), now=T0 + 60, quiet_seconds=1)
+    now = T0 + 60
+    for _ in range(BACKOFF.max_attempts * 3):  # far more rounds than attempts: a lost Ray cluster never fails a job
+        job = jobs.claim(store, "w", now=now + 1000, lease_seconds=30)
+        assert job is not None
+        state = jobs.finish(store, job, "w", now=now, error=EngineUnavailable("ray at 10.0.0.1:6379 unreachable"),
+                            backoff=BACKOFF)
+        row = store.get_job(job.id)
+        assert state is JobState.QUEUED and row is not None and row.attempts == 0
+        assert row.next_attempt_at - now == BACKOFF.base_seconds
+        now += 1000
+    job = jobs.claim(store, "w", now=now + 1000, lease_seconds=30)
+    assert job is not None and job.attempts == 1
+    assert jobs.finish(store, job, "w", now=now, error=None, backoff=BACKOFF) is JobState.DONE
+    retries = [e.message for e in store.events(job_id=job.id) if e.kind == "job.queued" and "retry" in e.message]
+    assert len(retries) == BACKOFF.max_attempts * 3 and all("attempt not counted" in m for m in retries)
 
 
 def test_permanent_error_fails_at_once_and_operator_retry_requeues(store: Store) -> None:

@@ -9,7 +9,9 @@ See :mod:`dicomnode.inference.segmenter` for the kinds, :mod:`dicomnode.inferenc
 window, mixed precision and out-of-memory handling, :mod:`dicomnode.inference.spec` for a model's embedded
 preprocessing; the framework adapters :mod:`.nnunet`, :mod:`.totalseg`, :mod:`.monai_bundle` (sharing
 :mod:`.frameworks`) import their framework only when such a model is built; :mod:`.inventory` is what
-``dicomnode models`` and ``serve``'s start-up check use.
+``dicomnode models`` and ``serve``'s start-up check use, and
+:mod:`dicomnode.inference.remote` is the Ray engine (segmenters resident in Ray actors; not imported here, so
+the local engine never imports Ray).
 The stage that runs models; may import :mod:`dicomnode.imaging`, ``config`` and ``errors``.
 """
 

@@ -25,11 +25,19 @@ a configuration problem is a :class:`~dicomnode.errors.ConfigError` (exit code 2
      "jobs": [{"id": 7, "series_uid": "1.2...", "pipeline": "lung", "generation": 1, "state": "DONE",
                "attempts": 1, "created_at": ..., "updated_at": ..., "next_attempt_at": ...,
                "age_seconds": 30.1, "error": "", "outputs_ready": true,
-               "deliveries": {"STORED": 3}}, ...]}                       # newest job first
+               "deliveries": {"STORED": 3},
+               "inference": {"engine": "ray", "node_id": "9f3c...", "node_ip": "10.0.0.7",
+                             "actor_id": "e1a2...", "replica": 1, "pid": 4711, "seconds": 1.42,
+                             "wait_seconds": 0.8} | null}, ...]}        # newest job first
+
+``inference`` is where the job's latest inference ran (its ``job.inference`` event): engine ``local`` (the
+worker's host name as ``node_ip``, empty ids) or ``ray`` (Ray node and actor ids, the replica's index), the
+seconds the segmenter took and the seconds the job waited for a free replica; null before any inference.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
@@ -137,7 +145,20 @@ def job_dict(store: Store, j: JobRow, now: float) -> dict[str, Any]:
             "state": j.state.value, "attempts": j.attempts, "created_at": j.created_at,
             "updated_at": j.updated_at, "next_attempt_at": j.next_attempt_at,
             "age_seconds": round(now - j.created_at, 3), "error": j.error, "outputs_ready": j.outputs_ready,
-            "deliveries": summary}
+            "deliveries": summary, "inference": _inference(store, j.id)}
+
+
+def _inference(store: Store, job_id: int) -> dict[str, Any] | None:
+    """The job's latest ``job.inference`` event as a document (see ``jobs --json``), or None."""
+    rows = store.read("SELECT message FROM events WHERE job_id = ? AND kind = 'job.inference'"
+                      " ORDER BY id DESC LIMIT 1", (job_id,))
+    if not rows:
+        return None
+    try:
+        doc = json.loads(rows[0]["message"])
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def status_document(cfg: Config, *, now: float | None = None, store: Store | None = None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dicomnode.config import Config
+from dicomnode.config import Config, Engine
 from dicomnode.ops.http import start_http_server
 from dicomnode.ops.web.server import StatusPage
 from dicomnode.outputs.scu import ScuSettings, client_ssl_context
@@ -69,6 +69,17 @@ def pipeline_context(cfg: Config) -> PipelineContext:
 
 def make_worker(cfg: Config, index: int = 0) -> Worker:
     return Worker(pipeline_context(cfg), make_router(cfg), index=index)
+
+
+def check_engine(cfg: Config) -> None:
+    """Engine ``ray``: the cluster must be reachable now (EngineUnavailable, naming the address, stops ``serve``);
+    the local engine checks nothing and never imports Ray."""
+    if cfg.worker.engine is not Engine.RAY or cfg.worker.workers == 0:
+        return
+    from dicomnode.inference.remote import check_cluster  # noqa: PLC0415 - Ray only for engine: ray
+
+    segment = {p.name: cfg.ray.placement(p.ray) for p in cfg.pipelines if p.kind == "segment"}
+    log.info("%s", check_cluster(cfg.ray, segment))
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -233,6 +244,7 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
         metrics.prepare_multiprocess(cfg)  # before any child is spawned: they inherit the directory
     listener = listen(cfg)  # before anything else: a port in use is the first error to report
     page = StatusPage(cfg) if cfg.ui.enabled else None  # binds ui.port now: in use, serve fails here too
+    check_engine(cfg)
     store = Store(cfg.db_path)
     report = recover(store, open_spool(cfg), reprocess_late=cfg.completion.on_late_instance.value == "reprocess")
     log.info("recovered: %s", report)

@@ -94,6 +94,11 @@ def print_show(doc: dict[str, Any]) -> None:
     for job in job_docs:
         print(f"\njob {job['id']}: {job['pipeline']} {job['state']}, {job['attempts']} attempt(s)"
               + (f": {job['error']}" if job["error"] else ""))
+        ran = job.get("inference")
+        if ran:
+            where = f"Ray node {ran['node_ip']} {ran['node_id'][:12]}, actor {ran['actor_id'][:12]} (replica " \
+                    f"{ran['replica']})" if ran["engine"] == "ray" else f"{ran['node_ip']} (local, pid {ran['pid']})"
+            print(f"  inference on {where}: {ran['seconds']:.2f} s after {ran['wait_seconds']:.2f} s waiting")
         outputs = doc["outputs"] if doc["kind"] == "job" else job["outputs"]
         print_outputs(outputs)
     print("\nevents:")

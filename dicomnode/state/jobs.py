@@ -166,18 +166,23 @@ def finish(store: Store, job: JobRow, owner: str, *, now: float, error: DicomNod
     """End an attempt: DONE, QUEUED again after a backoff (retryable error), or FAILED. Returns the state.
 
     ``rng`` draws the backoff's jitter (a worker passes its own generator; tests a seeded one); without it Python's
-    shared generator is used."""
+    shared generator is used. A retryable error with ``counts_attempt`` False (the engine was unavailable) gives
+    the attempt back, so such a job is retried at the base delay for as long as it takes, never FAILED."""
     with store.transaction() as conn:
         row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job.id,)).fetchone()
         if row is None or row["state"] != JobState.RUNNING.value or row["lease_owner"] != owner:
             return JobState(row["state"]) if row else JobState.CANCELLED  # cancelled or taken over meanwhile
         attempts = row["attempts"]
+        if error is not None and error.retryable and not error.counts_attempt:  # the engine, not the job
+            attempts -= 1
+            conn.execute("UPDATE jobs SET attempts = ? WHERE id = ?", (attempts, job.id))
         if error is None:
             state, next_at, message = JobState.DONE, now, "done"
         elif error.retryable and attempts < backoff.max_attempts:
             delay = backoff.delay(attempts, draw=rng.random() if rng is not None else random.random())
             state, next_at = JobState.QUEUED, now + delay
-            message = f"attempt {attempts} failed (retryable), retry in {delay:.1f} s: {error}"
+            counted = f"attempt {attempts} failed" if error.counts_attempt else "attempt not counted"
+            message = f"{counted} (retryable), retry in {delay:.1f} s: {error}"
         else:
             state, next_at = JobState.FAILED, now
             why = "permanent error" if not error.retryable else f"gave up after {attempts} attempts"

@@ -6,7 +6,8 @@ Contract:
   ``<storage.path>/prometheus`` and sets ``PROMETHEUS_MULTIPROC_DIR`` so every child (spawn context, fresh
   interpreter) writes its samples to memory-mapped files there; :mod:`dicomnode.ops.http` serves the sum.
 - Recording functions (:func:`instance_received`, :func:`association_accepted`, :func:`rejection`,
-  :func:`observe_stage`, :func:`stage_timer`, :func:`send_outcome`, :func:`job_finished`) may be called from
+  :func:`observe_stage`, :func:`stage_timer`, :func:`send_outcome`, :func:`inference_placed`,
+  :func:`job_finished`) may be called from
   any process; without the multiprocess directory (tests, ``process``) they record into this process'
   default registry and cost next to nothing. Metric objects are created on first use, never at import.
 - GPU memory (``dicomnode_gpu_memory_bytes{kind}``) is sampled only when ``torch`` is already imported by the
@@ -31,7 +32,7 @@ from typing import Any
 from dicomnode.config import Config
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-STAGES = ("receive_to_complete", "queue_wait", "load", "preprocess", "inference", "encode", "send")
+STAGES = ("receive_to_complete", "queue_wait", "load", "preprocess", "replica_wait", "inference", "encode", "send")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
                    600.0, 1800.0, 3600.0)
 
@@ -63,6 +64,8 @@ def _create() -> None:
                          buckets=LATENCY_BUCKETS),
         send=Counter("dicomnode_send_results", "C-STORE results of the node's SCU by outcome", ["outcome"]),
         retries=Counter("dicomnode_send_retries", "Retryable send failures (object left pending)"),
+        inference_runs=Counter("dicomnode_inference_runs", "Inferences by engine (local, ray) and the node that ran"
+                               " them (Ray node IP, or this host's name)", ["engine", "node"]),
         jobs_finished=Counter("dicomnode_jobs_finished", "Job attempts ended, by resulting state", ["state"]),
         gpu=Gauge("dicomnode_gpu_memory_bytes", "CUDA memory of a worker process (torch allocator)", ["kind"],
                   multiprocess_mode="liveall"),
@@ -115,6 +118,13 @@ def send_outcome(outcome: str, *, count: int = 1) -> None:
     m["send"].labels(outcome=outcome).inc(count)
     if outcome == "retryable":
         m["retries"].inc(count)
+
+
+def inference_placed(engine: str, node: str, wait_seconds: float) -> None:
+    """One inference ran on ``engine`` (``local`` or ``ray``) at ``node`` after waiting ``wait_seconds`` for a
+    replica (observed as the ``replica_wait`` stage)."""
+    _get()["inference_runs"].labels(engine=engine, node=node).inc()
+    observe_stage("replica_wait", wait_seconds)
 
 
 def job_finished(state: str, *, queue_wait: float | None = None,

@@ -9,24 +9,32 @@ the same files. Output UIDs are deterministic, so a re-run writes (and sends) th
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 
-from dicomnode.config import Config, PipelineConfig
-from dicomnode.errors import PipelineError
-from dicomnode.imaging.volume import VolumeOptions, load_series
+from dicomnode.config import Config, Engine, PipelineConfig, RayConfig, RayPlacement
+from dicomnode.errors import EngineUnavailable, PipelineError
+from dicomnode.imaging.labels import LabelVolume
+from dicomnode.imaging.volume import Volume, VolumeOptions, load_series
+from dicomnode.inference.replica import Placement, local_placement
 from dicomnode.inference.runner import RunnerSettings
-from dicomnode.inference.segmenter import SegmenterCache
+from dicomnode.inference.segmenter import SegmenterCache, build_segmenter
 from dicomnode.outputs.encode import build_encoded_outputs
 from dicomnode.state.jobs import OutboundFile
 from dicomnode.state.spool import Spool
 from dicomnode.state.store import JobRow, Store
 from dicomnode.telemetry import metrics
+
+if TYPE_CHECKING:
+    from dicomnode.inference.remote import Builder, RayEngine
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +52,26 @@ class StageTimes:
 
 
 class Segmenters:
-    """One SegmenterCache per pipeline (models stay resident in this worker process)."""
+    """Each pipeline's segmenter, resident in this worker process (engine ``local``: one SegmenterCache per
+    pipeline) or in the pipeline's Ray replicas (engine ``ray``: Ray is imported on first use only)."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, owner: str = "") -> None:
         self._device = cfg.worker.device.value
         self._caches: dict[str, SegmenterCache] = {}
+        self._ray = cfg.ray if cfg.worker.engine is Engine.RAY else None
+        self._owner = owner
+        self._engine: RayEngine | None = None
+
+    def _settings(self, pipe: PipelineConfig) -> RunnerSettings:
+        return RunnerSettings(device=self._device, batch_size=pipe.model.batch_size, overlap=pipe.model.overlap,
+                              amp=pipe.model.amp)
 
     def preload(self, pipes: Sequence[PipelineConfig]) -> None:
         """Load every segment pipeline's model now (at worker start-up), so the first job does not pay for it
-        and a model that cannot load is reported at once; such a pipeline's jobs then fail with the reason."""
+        and a model that cannot load is reported at once; such a pipeline's jobs then fail with the reason.
+        Engine ``ray``: nothing here (the replicas load their models, see :meth:`warm`)."""
+        if self._ray is not None:
+            return
         for pipe in pipes:
             if pipe.kind != "segment":
                 continue
@@ -66,16 +85,50 @@ class Segmenters:
     def for_pipeline(self, pipe: PipelineConfig) -> SegmenterCache:
         cache = self._caches.get(pipe.name)
         if cache is None:
-            settings = RunnerSettings(device=self._device, batch_size=pipe.model.batch_size,
-                                      overlap=pipe.model.overlap, amp=pipe.model.amp)
-            cache = self._caches[pipe.name] = SegmenterCache(settings)
+            cache = self._caches[pipe.name] = SegmenterCache(self._settings(pipe))
         return cache
+
+    def segment(self, pipe: PipelineConfig, volume: Volume) -> tuple[LabelVolume, Placement]:
+        """The pipeline's labels for ``volume`` and where they were computed (see Placement)."""
+        if self._ray is None:
+            started = time.monotonic()
+            labels = self.for_pipeline(pipe).get(pipe.model).segment(volume)
+            return labels, local_placement(time.monotonic() - started)
+        return self._remote(self._ray).segment(pipe.name, *self._replica_spec(self._ray, pipe), volume)
+
+    def _replica_spec(self, ray_cfg: RayConfig, pipe: PipelineConfig) -> tuple[RayPlacement, Builder, str]:
+        """What a Ray replica of ``pipe`` reserves, how it builds its segmenter (the same factory call as the
+        local cache) and the key naming that configuration."""
+        settings = self._settings(pipe)
+        builder = functools.partial(build_segmenter, pipe.model, None, settings)
+        return ray_cfg.placement(pipe.ray), builder, repr((pipe.model, settings))
+
+    def _remote(self, ray_cfg: RayConfig) -> RayEngine:
+        if self._engine is None:
+            from dicomnode.inference.remote import RayEngine  # noqa: PLC0415 - Ray only for engine: ray
+
+            self._engine = RayEngine(ray_cfg, self._owner)
+        return self._engine
+
+    def warm(self, pipes: Sequence[PipelineConfig]) -> None:
+        """Engine ``ray``: connect and create the pipelines' replicas now (they load their models while the
+        worker waits for jobs); a cluster that cannot be reached is only logged: jobs wait and retry."""
+        if self._ray is None:
+            return
+        for pipe in pipes:
+            if pipe.kind != "segment":
+                continue
+            try:
+                self._remote(self._ray).pool(pipe.name, *self._replica_spec(self._ray, pipe))
+            except EngineUnavailable as exc:
+                log.warning("pipeline %s: %s; its jobs wait until the cluster is back", pipe.name, exc)
 
 
 def make_outputs(files: Sequence[Path], pipe: PipelineConfig, segmenters: Segmenters,
-                 progress: Progress | None = None) -> tuple[list[tuple[Dataset, bytes]], StageTimes, tuple[str, ...]]:
+                 progress: Progress | None = None, placed: Callable[[Placement], None] | None = None,
+                 ) -> tuple[list[tuple[Dataset, bytes]], StageTimes, tuple[str, ...]]:
     """Run a segment pipeline on a series' files: (derived objects with their checked bytes, stage times,
-    volume notes).
+    volume notes). ``placed`` is told where the inference ran (and how long it waited for a replica).
 
     Raises VolumeError (final) when the files cannot form a volume, PipelineError for model or encoder
     failures; both carry a message fit for the job's FAILED reason.
@@ -87,8 +140,9 @@ def make_outputs(files: Sequence[Path], pipe: PipelineConfig, segmenters: Segmen
                                                             irregular=pipe.volume.irregular))
     t1 = time.monotonic()
     report("inference", 0.3)
-    segmenter = segmenters.for_pipeline(pipe).get(pipe.model)
-    labels = segmenter.segment(volume)
+    labels, placement = segmenters.segment(pipe, volume)
+    if placed is not None:
+        placed(placement)
     t2 = time.monotonic()
     report("encode", 0.7)
     out = pipe.outputs
@@ -113,16 +167,25 @@ def write_outbox(outbox: Spool, outputs: Sequence[tuple[Dataset, bytes]]) -> lis
     return files
 
 
-def segment_producer(cfg: Config, store: Store, spool: Spool) -> Callable[[JobRow, PipelineConfig],
-                                                                        list[OutboundFile]]:
-    """The worker's producer for ``segment`` pipelines (models are loaded on first use and kept)."""
-    segmenters = Segmenters(cfg)
+def segment_producer(cfg: Config, store: Store, spool: Spool, owner: str = "") -> Callable[[JobRow, PipelineConfig],
+                                                                                         list[OutboundFile]]:
+    """The worker's producer for ``segment`` pipelines (engine local: every model is loaded now, at worker
+    start-up, and kept; engine ray: the replicas are created now). Each job's inference is recorded as a
+    ``job.inference`` event whose message is the JSON of its :class:`~dicomnode.inference.replica.Placement`."""
+    segmenters = Segmenters(cfg, owner)
     segmenters.preload(cfg.pipelines)
+    segmenters.warm(cfg.pipelines)
     outbox = Spool(cfg.outbox_dir, fsync=cfg.storage.fsync)
 
     def produce(job: JobRow, pipe: PipelineConfig) -> list[OutboundFile]:
         paths = [Path(r.path) for r in store.instances(job.series_uid)]
-        datasets, times, notes = make_outputs(paths, pipe, segmenters)
+
+        def placed(where: Placement) -> None:
+            store.add_event("job.inference", json.dumps(where.as_dict(), sort_keys=True),
+                            series_uid=job.series_uid, job_id=job.id)
+            metrics.inference_placed(where.engine, where.node_ip, where.wait_seconds)
+
+        datasets, times, notes = make_outputs(paths, pipe, segmenters, placed=placed)
         if notes:
             store.add_event("volume.notes", "; ".join(notes), series_uid=job.series_uid, job_id=job.id)
         files = write_outbox(outbox, datasets)
