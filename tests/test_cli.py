@@ -99,7 +99,7 @@ def test_admin_verbs_end_to_end(env: Env) -> None:
         return {j["pipeline"]: j for j in env.json("jobs")["jobs"]}
 
     wait_until(lambda: [jobs_by_pipeline()[p]["state"] for p in ("fwd", "refused")] == ["DONE", "FAILED"]
-               and jobs_by_pipeline()["broken"]["attempts"] == 1, 60, "jobs to settle", interval=0.3)
+               and jobs_by_pipeline()["broken"]["attempts"] == 1, 180, "jobs to settle", interval=0.3)
     jobs = jobs_by_pipeline()
     assert jobs["broken"]["state"] == "QUEUED" and jobs["broken"]["deliveries"] == {"PENDING": 5}
     assert jobs["fwd"]["deliveries"] == {"STORED": 28}
