@@ -16,7 +16,9 @@ SC 3D surface 4, RTSTRUCT 5.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -39,6 +41,22 @@ __all__ = [
     "OutputIds", "OutputKind", "Provenance", "build_encoded_outputs", "build_outputs", "check_output",
     "derive_uid",
 ]
+log = logging.getLogger(__name__)
+
+
+def load_standard_tables() -> None:
+    """Load highdicom's tables of the standard (IODs, modules and their attributes: about 0.4 s of JSON
+    parsing, cached for the process) now, so that a worker's first job does not pay for them. Best effort:
+    they are private to highdicom, and without them the first job simply loads them itself."""
+    try:
+        from highdicom import _standard_utils as tables  # noqa: PLC0415 - private, so looked up at call time
+
+        tables.get_sop_class_iod_map()
+        tables.get_iod_module_map()
+        tables.get_module_attribute_map()
+    except Exception:  # noqa: BLE001 - a warm-up must never stop a worker
+        log.debug("highdicom's standard tables were not preloaded", exc_info=True)
+
 
 def resolve_kinds(kinds: Collection[str | OutputKind]) -> tuple[OutputKind, ...]:
     """The output kinds named by ``kinds`` (:func:`~dicomnode.config.output_kinds`), in output order.
@@ -94,22 +112,36 @@ def build_encoded_outputs(volume: Volume, labels: LabelVolume, *, pipeline: str,
     needs_measures = (any(k not in (OutputKind.SEG, OutputKind.RTSTRUCT) for k in wanted)
                       and labels.data.shape == volume.shape)
     measures = measure_labels(volume, labels) if needs_measures else None
-    outputs: list[Dataset] = []
-    seg = None
-    if OutputKind.SEG in wanted:
-        seg = make_seg(volume, labels, ids=ids, prov=prov, series_description=f"{description} SEG")
-        outputs.append(seg)
-    if OutputKind.SR in wanted and seg is not None:
-        outputs.append(make_sr(volume, labels, seg, ids=ids, prov=prov,
-                               series_description=f"{description} measurements", measures=measures))
-    if OutputKind.RTSTRUCT in wanted:
-        outputs.append(make_rtstruct(volume, labels, ids=ids, prov=prov,
-                                     series_description=f"{description} RTSTRUCT"))
-    if OutputKind.SC_OVERLAY in wanted:
-        outputs.extend(make_overlays(volume, labels, ids=ids, prov=prov, series_description=description,
+    def documents() -> list[tuple[Dataset, bytes]]:
+        """SEG, SR and RTSTRUCT (highdicom and pydicom: mostly Python), each checked."""
+        out: list[tuple[Dataset, bytes]] = []
+        if OutputKind.SEG in wanted:
+            seg = make_seg(volume, labels, ids=ids, prov=prov, series_description=f"{description} SEG")
+            out.append((seg, check_output(seg)))
+            if OutputKind.SR in wanted:
+                sr = make_sr(volume, labels, seg, ids=ids, prov=prov,
+                             series_description=f"{description} measurements", measures=measures)
+                out.append((sr, check_output(sr)))
+        if OutputKind.RTSTRUCT in wanted:
+            rt = make_rtstruct(volume, labels, ids=ids, prov=prov, series_description=f"{description} RTSTRUCT")
+            out.append((rt, check_output(rt)))
+        return out
+
+    def pictures() -> list[tuple[Dataset, bytes]]:
+        """The Secondary Captures (numpy and Pillow, which release the GIL for most of their work), checked."""
+        out: list[Dataset] = []
+        if OutputKind.SC_OVERLAY in wanted:
+            out.extend(make_overlays(volume, labels, ids=ids, prov=prov, series_description=description,
                                      every=overlay_every, max_count=overlay_max, measures=measures))
-    summaries = [k for k in wanted if k in (OutputKind.SC_PLANES, OutputKind.SC_SURFACE)]
-    if summaries:
-        outputs.extend(make_summaries(volume, labels, ids=ids, prov=prov, series_description=description,
+        summaries = [k for k in wanted if k in (OutputKind.SC_PLANES, OutputKind.SC_SURFACE)]
+        if summaries:
+            out.extend(make_summaries(volume, labels, ids=ids, prov=prov, series_description=description,
                                       kinds=summaries, measures=measures))
-    return [(ds, check_output(ds)) for ds in outputs]
+        return [(ds, check_output(ds)) for ds in out]
+
+    # The two halves are independent: the pictures are drawn on a second thread while this one builds the
+    # documents, so they overlap on two cores (the order of the result stays the documented one).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-pictures") as pool:
+        drawn = pool.submit(pictures)
+        first = documents()
+        return first + drawn.result()
