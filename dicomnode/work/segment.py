@@ -27,7 +27,7 @@ from dicomnode.imaging.volume import Volume, VolumeOptions, load_series
 from dicomnode.inference.replica import Placement, local_placement
 from dicomnode.inference.runner import RunnerSettings
 from dicomnode.inference.segmenter import SegmenterCache, build_segmenter
-from dicomnode.outputs.encode import build_encoded_outputs
+from dicomnode.outputs.encode import build_encoded_outputs, load_standard_tables
 from dicomnode.state.jobs import OutboundFile
 from dicomnode.state.spool import Spool
 from dicomnode.state.store import JobRow, Store
@@ -175,6 +175,7 @@ def segment_producer(cfg: Config, store: Store, spool: Spool, owner: str = "") -
     segmenters = Segmenters(cfg, owner)
     segmenters.preload(cfg.pipelines)
     segmenters.warm(cfg.pipelines)
+    load_standard_tables()  # the encoders' tables, now rather than in the first job
     outbox = Spool(cfg.outbox_dir, fsync=cfg.storage.fsync)
 
     def produce(job: JobRow, pipe: PipelineConfig) -> list[OutboundFile]:
