@@ -222,6 +222,14 @@ def test_rules_route_by_tags_regex_and_counts() -> None:
     assert miss.pipelines == () and "chest: 5 instances < 20" in miss.reason
     assert route(_row(image_type="DERIVED\\SECONDARY")).pipelines == ()
     assert route(_row(calling_aet="OTHER")).pipelines == ()
+    private = "1.2.826.0.1.3680043.9.7433.1.16"  # a modality's private storage class
+    unknown = route(_row(sop_class_uid=private))
+    assert unknown.pipelines == () and f"SOP class {private} is not one of the standard's" in unknown.reason
+    named = make_router(parse_config({
+        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
+        "pipelines": [{"name": "keep", "kind": "forward", "destinations": ["pacs"]}],
+        "rules": [{"name": "private", "pipelines": ["keep"], "match": {"sop_class_uid": [private]}}]}))
+    assert named(_row(sop_class_uid=private)).pipelines == ("keep",)  # a rule that names it matches
     forwarding = make_router(parse_config({**{"unmatched": "forward"}, "destinations": [
         {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}]}))
     assert forwarding(_row()).pipelines == ("forward-unmatched",)

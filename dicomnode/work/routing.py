@@ -1,13 +1,18 @@
 """Routing: which pipelines a complete series goes to, decided by the configured rules.
 
 Every rule whose conditions all hold contributes its pipelines (in rule order, without repeats). A series that
-matches no rule is ignored with a reason, or forwarded when ``unmatched: forward`` is configured.
+matches no rule is ignored with a reason, or forwarded when ``unmatched: forward`` is configured. A series of a
+SOP class the standard does not know (a modality's private objects, or classes newer than pydicom; the receiver
+stores them when ``node.accept_unknown_sop_classes``) matches only rules that name its SOP class: image
+pipelines never see objects they cannot read.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+
+from pydicom.uid import UID
 
 from dicomnode.config import Config, RuleMatch
 from dicomnode.state.jobs import Route
@@ -20,9 +25,16 @@ def _any_equal(wanted: tuple[str, ...], value: str) -> bool:
     return not wanted or value.strip().upper() in {w.strip().upper() for w in wanted}
 
 
+def known_sop_class(uid: str) -> bool:
+    """Whether ``uid`` is a SOP class of the standard (as far as pydicom's registry knows)."""
+    return UID(uid).type == "SOP Class"
+
+
 def mismatch(match: RuleMatch, series: SeriesRow) -> str | None:
     """The first condition of ``match`` that ``series`` fails, as text; None when every condition holds."""
     checks: list[tuple[bool, str]] = [
+        (bool(match.sop_class_uid) or known_sop_class(series.sop_class_uid),
+         f"SOP class {series.sop_class_uid} is not one of the standard's (only a rule naming it matches)"),
         (_any_equal(match.modality, series.modality), f"Modality {series.modality!r}"),
         (_any_equal(match.body_part, series.body_part), f"BodyPartExamined {series.body_part!r}"),
         (_any_equal(match.sop_class_uid, series.sop_class_uid), f"SOP class {series.sop_class_uid}"),
