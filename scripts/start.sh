@@ -8,9 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
 if ! command -v nvidia-smi >/dev/null 2>&1; then
-  $PY -m pip install -q "torch==2.13.0"   # no GPU here: the CPU build, not several GB of CUDA libraries
+  # no GPU here: the CPU build, not several GB of CUDA libraries (named in both commands, so that no
+  # dependency moves it)
+  $PY -m pip install -q "torch==2.13.0"
+  $PY -m pip install -q "torch==2.13.0" -e .
+else
+  $PY -m pip install -q -e .
 fi
-$PY -m pip install -q -e .
 bash scripts/link_cli.sh .venv/bin/dicomnode
 echo "data: ${DICOMNODE_HOME:-$HOME/.local/share/dicomnode}   status page: http://127.0.0.1:8110/   stop: Ctrl+C"
 exec .venv/bin/dicomnode serve "$@"

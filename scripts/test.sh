@@ -24,7 +24,10 @@ command -v chromium >/dev/null || missing+=(chromium)
 # Python (the virtualenv comes from scripts/venv.sh): the CPU build of torch first (an unpinned torch pulls
 # several GB of CUDA libraries).
 $PY -m pip install -q "torch==2.13.0"
-$PY -m pip install -q -e ".[test]"
+# torch is named again in the same command: nnunetv2, totalsegmentator and monai pull torchvision, whose newest
+# release would otherwise move torch to a newer (CUDA) build.
+$PY -m pip install -q "torch==2.13.0" -e ".[test]"
+$PY -c 'import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith("2.13.0") else f"torch {v} installed: expected 2.13.0")'
 
 $PY -m ruff check dicomnode tests scripts
 $PY -m mypy
