@@ -21,7 +21,7 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md ./
 COPY dicomnode ./dicomnode
 # torch is already the pinned version; pip keeps it (the pyproject range accepts it).
-RUN pip install . && python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '${TORCH_VERSION}')"
+RUN pip install "torch==${TORCH_VERSION}" . && python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '${TORCH_VERSION}')"
 
 # Non-root user. Data (spool, outbox, SQLite store) live on the volume: DICOMNODE_HOME is the storage path of
 # every verb that runs without a storage.path in its configuration, so `docker exec ... dicomnode status` works.
