@@ -18,14 +18,34 @@ import shutil
 import statistics
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicomnode.state.store import Store  # noqa: E402
+from dicomnode.state.store import JobRow, Store  # noqa: E402
 from scripts.synthetic import P01, resliced_ct  # noqa: E402
 from tests.peers import NodeProcess, Orthanc, node_config, stored_count, storescu, wait_until  # noqa: E402
+
+
+@dataclass(frozen=True)
+class JobTimes:
+    """The newest job's times from the node's own store: its series judged complete, its last object
+    acknowledged by the destination (Unix seconds), and its ``job.stages`` event."""
+
+    job: JobRow
+    complete: float
+    last_ack: float
+    stages: str
+
+
+def newest_job_times(store: Store) -> JobTimes:
+    job = store.list_jobs()[0]  # newest first
+    complete = next(e.ts for e in store.events(series_uid=job.series_uid) if e.kind == "series.complete")
+    last_ack = max(d.updated_at for d in store.deliveries(job.id))
+    stages = next(e.message for e in store.events(job_id=job.id) if e.kind == "job.stages")
+    return JobTimes(job, complete, last_ack, stages)
 
 
 def run_node(work: Path, series: list[tuple[Path, int]], model: str) -> list[tuple[float, str]]:
@@ -52,11 +72,8 @@ def run_node(work: Path, series: list[tuple[Path, int]], model: str) -> list[tup
                 return bool(node.status()["counts"]["jobs"]["DONE"] == n)
 
             wait_until(all_done, 600, "job done", interval=0.2)
-            job = store.list_jobs()[0]  # newest first
-            complete = next(e.ts for e in store.events(series_uid=job.series_uid) if e.kind == "series.complete")
-            last_ack = max(d.updated_at for d in store.deliveries(job.id))
-            stages = next(e.message for e in store.events(job_id=job.id) if e.kind == "job.stages")
-            results.append((last_ack - complete, stages))
+            times = newest_job_times(store)
+            results.append((times.last_ack - times.complete, times.stages))
     finally:
         node.stop()
         pacs.stop()

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dicomnode.state.store import Store  # noqa: E402
+from scripts.bench_e2e import newest_job_times  # noqa: E402
 from scripts.synthetic import P01, resliced_ct  # noqa: E402
 from tests.peers import NodeProcess, Orthanc, node_config, stored_count, storescu, wait_until  # noqa: E402
 
@@ -62,14 +63,12 @@ def run(work: Path, rule: str, quiet: float, series: list[tuple[str, Path, int]]
                 return bool(node.status()["counts"]["jobs"]["DONE"] == n)
 
             wait_until(all_done, quiet + 600, "job done", interval=0.1)
-            job = store.list_jobs()[0]  # newest first
-            row = store.get_series(job.series_uid)
+            times = newest_job_times(store)
+            row = store.get_series(times.job.series_uid)
             if row is None:
                 raise RuntimeError("series row vanished")
-            complete = next(e.ts for e in store.events(series_uid=job.series_uid) if e.kind == "series.complete")
-            last_ack = max(d.updated_at for d in store.deliveries(job.id))
-            stages = next(e.message for e in store.events(job_id=job.id) if e.kind == "job.stages")
-            out.append(Latency(name, rule, last_ack - row.last_received, complete - row.last_received, stages))
+            out.append(Latency(name, rule, times.last_ack - row.last_received, times.complete - row.last_received,
+                               times.stages))
     finally:
         node.stop()
         pacs.stop()
