@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pynetdicom import AE
 from pynetdicom.pdu import A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
 from pynetdicom.presentation import build_context
@@ -43,6 +44,18 @@ class Scp:
 
     def instances(self) -> int:
         return sum(s.n_instances for s in self.store.list_series())
+
+    def send(self, ds: Any) -> int:
+        """C-STORE ``ds`` over one association from pynetdicom's SCU (its own SOP class and transfer syntax);
+        the response status."""
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", self.port, ae_title="DICOMNODE")
+        assert assoc.is_established
+        try:
+            return int(assoc.send_c_store(ds).Status)
+        finally:
+            assoc.release()
 
 
 def open_descriptors() -> list[str]:

@@ -13,7 +13,7 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicomnode.state.store import Store
@@ -103,15 +103,11 @@ def test_stored_bytes_are_the_bytes_on_the_wire(node: Any, tmp_path: Path) -> No
     ae = AE(ae_title="MODALITY")
     for ts in sorted({str(m.file_meta.TransferSyntaxUID) for m in metas}):
         ae.add_requested_context(CTImageStorage, ts)
-    old = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        assoc = ae.associate("127.0.0.1", n.port, ae_title="DICOMNODE")
-        assert assoc.is_established
-        assert [assoc.send_c_store(p).Status for p in files] == [0] * len(files)
-        assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = old
+    # each file streams as stored: STORE_SEND_CHUNKED_DATASET, set for the whole test process by conftest
+    assoc = ae.associate("127.0.0.1", n.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    assert [assoc.send_c_store(p).Status for p in files] == [0] * len(files)
+    assoc.release()
     for path, meta in zip(files, metas, strict=True):
         kept = tmp_path / "data" / "spool" / str(meta.SeriesInstanceUID) / f"{meta.SOPInstanceUID}.dcm"
         assert _dataset_bytes(kept) == _dataset_bytes(path)
@@ -154,15 +150,10 @@ def test_malformed_dataset_gets_failure_status_and_node_keeps_serving(node: Any,
 
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(CTImageStorage, [str(src.file_meta.TransferSyntaxUID), ExplicitVRLittleEndian])
-    old = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        assoc = ae.associate("127.0.0.1", n.port, ae_title="DICOMNODE")
-        assert assoc.is_established
-        statuses = [assoc.send_c_store(p).Status for p in (broken, truncated, no_uids, good)]
-        assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = old
+    assoc = ae.associate("127.0.0.1", n.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    statuses = [assoc.send_c_store(p).Status for p in (broken, truncated, no_uids, good)]
+    assoc.release()
     assert statuses == [0xC000, 0xA900, 0xC000, 0x0000]
     log = n.log()
     assert "refused with 0xC000: data set lacks StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID" in log

@@ -155,12 +155,7 @@ def test_fault8_uncompressed_ybr_full_422_is_stored(scp: Any) -> None:
     original = pydicom.dcmread(path)
     assert original.PhotometricInterpretation == "YBR_FULL_422" and len(original.PixelData) == 100 * 100 * 2
     s = scp()
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(original.SOPClassUID, original.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", s.port, ae_title="DICOMNODE")
-    assert assoc.is_established
-    assert assoc.send_c_store(original).Status == 0x0000
-    assoc.release()
+    assert s.send(original) == 0x0000
     (kept,) = [p for p in s.files() if p.suffix == ".dcm"]
     assert pydicom.dcmread(kept).PixelData == original.PixelData
 
@@ -171,11 +166,7 @@ def test_fault8_a_truncated_ybr_full_422_image_is_still_refused(scp: Any) -> Non
     original = pydicom.dcmread(path)
     original.PixelData = original.PixelData[:-200]
     s = scp()
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(original.SOPClassUID, original.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", s.port, ae_title="DICOMNODE")
-    assert assoc.send_c_store(original).Status == 0xA900
-    assoc.release()
+    assert s.send(original) == 0xA900
 
 
 def test_fault9_association_threads_leave_no_state_store_connection_open(scp: Any) -> None:

@@ -153,12 +153,7 @@ def test_an_instance_larger_than_the_write_chunk_is_stored_intact(scp: Any) -> N
     (src,) = sorted(series_dir("P06").iterdir())  # enhanced MR, 3.4 MB in one object
     original = pydicom.dcmread(src)
     s = scp()
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(original.SOPClassUID, original.file_meta.TransferSyntaxUID)
-    assoc = ae.associate("127.0.0.1", s.port, ae_title="DICOMNODE")
-    assert assoc.is_established
-    assert assoc.send_c_store(original).Status == 0
-    assoc.release()
+    assert s.send(original) == 0
     (kept,) = [p for p in s.files() if p.suffix == ".dcm"]
     copy = pydicom.dcmread(kept)
     assert kept.stem == original.SOPInstanceUID and s.instances() == 1
