@@ -3,6 +3,7 @@ instead of asserts, SCU associations built one way (all timeouts)."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from torch import nn
 
+import dicomnode
 from dicomnode.config import (
     Destination,
     OutputKind,
@@ -186,3 +188,28 @@ def test_the_node_reads_quietly_and_writes_strictly() -> None:
     """pydicom's WARN mode logs warnings that quote values (patient names among them): not in the node."""
     assert pydicom.config.settings.reading_validation_mode == IGNORE != WARN
     assert pydicom.config.settings.writing_validation_mode == RAISE
+
+
+# ------------------------------------------------------------------------------ values matched whole
+
+
+def _anchored_patterns() -> list[str]:
+    """Regular expressions in the package that end in ``$``: with ``re.match`` or ``re.search`` that anchor
+    lets a final newline through ("NODE\\n" matched an AE title pattern). Values are matched with
+    ``fullmatch`` instead."""
+    found = []
+    for path in sorted(Path(dicomnode.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "re" and node.args):
+                continue
+            first = node.args[0]
+            parts = first.values if isinstance(first, ast.JoinedStr) else [first]
+            tail = parts[-1] if parts else None
+            if isinstance(tail, ast.Constant) and isinstance(tail.value, str) and tail.value.endswith("$"):
+                found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_patterns_are_matched_whole_not_anchored_with_a_dollar() -> None:
+    assert _anchored_patterns() == []

@@ -15,12 +15,12 @@ from typing import Literal
 
 from dicomnode.errors import ConfigError
 
-_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+_AE_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # printable ASCII without backslash, matched whole
 
 
 def check_ae_title(value: str, where: str) -> str:
     """Return ``value`` if it is a valid AE title (1-16 chars, no backslash/control chars, not blank)."""
-    if not _AE_RE.match(value) or not value.strip():
+    if not _AE_RE.fullmatch(value) or not value.strip():
         raise ConfigError(f"{where}: {value!r} is not a valid AE title (1-16 printable characters, no backslash)")
     return value.strip()
 

@@ -33,7 +33,22 @@ def _validate_user_identity(identity: UserIdentityConfig) -> None:
 
 
 def _validate(cfg: Config) -> None:
-    node = cfg.node
+    _validate_node(cfg.node)
+    if cfg.storage.path.exists() and not cfg.storage.path.is_dir():
+        raise ConfigError(f"storage.path: {cfg.storage.path} exists and is not a directory")
+    _validate_work(cfg)
+    _check_port(cfg.metrics.port, "metrics.port")
+    _validate_ui(cfg.ui)
+    _validate_ray(cfg)
+    destinations = _validate_destinations(cfg)
+    pipelines = _validate_pipelines(cfg, destinations)
+    _validate_rules(cfg, pipelines)
+    for dest_name in cfg.unmatched_destinations:
+        if dest_name not in destinations:
+            raise ConfigError(f"unmatched_destinations: unknown destination {dest_name!r}")
+
+
+def _validate_node(node: NodeConfig) -> None:
     check_ae_title(node.ae_title, "node.ae_title")
     _check_port(node.port, "node.port")
     for i, aet in enumerate(node.allowed_calling_aets):
@@ -55,8 +70,10 @@ def _validate(cfg: Config) -> None:
         # Without trust anchors the SCP cannot verify a client certificate, so it would accept any caller.
         raise ConfigError("node.tls.require_client_cert: needs node.tls.ca_file (the CA that client certificates"
                           " must chain to); set require_client_cert: false to accept callers without one")
-    if cfg.storage.path.exists() and not cfg.storage.path.is_dir():
-        raise ConfigError(f"storage.path: {cfg.storage.path} exists and is not a directory")
+
+
+def _validate_work(cfg: Config) -> None:
+    """The ``completion`` and ``worker`` sections."""
     if cfg.completion.quiet_seconds < 0:
         raise ConfigError("completion.quiet_seconds: must not be negative")
     if isinstance(cfg.completion.on_release, float) and cfg.completion.on_release < 0:
@@ -67,40 +84,47 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("worker.max_attempts: must be at least 1")
     if not 0.0 <= cfg.worker.backoff_jitter <= 1.0:
         raise ConfigError("worker.backoff_jitter: must lie between 0 and 1")
-    _check_port(cfg.metrics.port, "metrics.port")
-    _validate_ui(cfg.ui)
-    _validate_ray(cfg)
+
+
+def _validate_destinations(cfg: Config) -> set[str]:
+    """Each destination; returns their names (unique)."""
     names: set[str] = set()
     for i, dest in enumerate(cfg.destinations):
         where = f"destinations[{i}]"
         if dest.name in names:
             raise ConfigError(f"{where}.name: duplicate destination name {dest.name!r}")
         names.add(dest.name)
-        _validate_destination(dest, where, node)
-    pipe_names: set[str] = set()
+        _validate_destination(dest, where, cfg.node)
+    return names
+
+
+def _validate_pipelines(cfg: Config, destinations: set[str]) -> set[str]:
+    """Each pipeline and the destinations it names; returns the pipelines' names (unique)."""
+    names: set[str] = set()
     for i, pipe in enumerate(cfg.pipelines):
-        if pipe.name in pipe_names:
+        if pipe.name in names:
             raise ConfigError(f"pipelines[{i}].name: duplicate pipeline name {pipe.name!r}")
-        pipe_names.add(pipe.name)
+        names.add(pipe.name)
         for dest_name in pipe.destinations:
-            if dest_name not in names:
+            if dest_name not in destinations:
                 raise ConfigError(f"pipelines[{i}].destinations: unknown destination {dest_name!r}")
         if pipe.kind == "segment":
             _validate_segment(pipe, f"pipelines[{i}]")
+    return names
+
+
+def _validate_rules(cfg: Config, pipelines: set[str]) -> None:
     for i, rule in enumerate(cfg.rules):
         if not rule.pipelines:
             raise ConfigError(f"rules[{i}].pipelines: a rule must name at least one pipeline")
         for pipe_name in rule.pipelines:
-            if pipe_name not in pipe_names:
+            if pipe_name not in pipelines:
                 raise ConfigError(f"rules[{i}].pipelines: unknown pipeline {pipe_name!r}")
         if rule.match.series_description is not None:
             try:
                 re.compile(rule.match.series_description)
             except re.error as exc:
                 raise ConfigError(f"rules[{i}].match.series_description: bad regular expression: {exc}") from None
-    for dest_name in cfg.unmatched_destinations:
-        if dest_name not in names:
-            raise ConfigError(f"unmatched_destinations: unknown destination {dest_name!r}")
 
 
 def _validate_destination(dest: Destination, where: str, node: NodeConfig) -> None:
@@ -195,13 +219,13 @@ def _validate_model(model: ModelConfig, where: str) -> None:
         raise ConfigError(f"{where}.codes: a label is coded twice")
 
 
-_RAY_ADDRESS_RE = re.compile(r"^(auto|local|(ray://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5})$")
+_RAY_ADDRESS_RE = re.compile(r"auto|local|(ray://)?[A-Za-z0-9.\-\[\]:]+:\d{1,5}")
 
 
 def _validate_ray(cfg: Config) -> None:
     """The ``ray`` section and every pipeline's ``ray`` placement (checked whatever the engine)."""
     ray = cfg.ray
-    if not _RAY_ADDRESS_RE.match(ray.address):
+    if not _RAY_ADDRESS_RE.fullmatch(ray.address):
         raise ConfigError(f"ray.address: {ray.address!r} is not auto, local, host:port or ray://host:port")
     for name in ("replica_wait_seconds", "call_timeout_seconds", "connect_timeout_seconds"):
         if getattr(ray, name) <= 0:

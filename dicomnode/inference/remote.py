@@ -176,9 +176,9 @@ class ReplicaPool:
     def _retire_stale(self) -> None:
         """Kill this pipeline's actors of an older configuration (they hold GPUs the new ones need)."""
         ray = _ray()
-        ours = re.compile(rf"^{re.escape(self.pipeline)}\.[0-9a-f]{{10}}\.(gate|replica-\d+)$")
+        ours = re.compile(rf"{re.escape(self.pipeline)}\.[0-9a-f]{{10}}\.(gate|replica-\d+)")
         for name in ray.util.list_named_actors():
-            if ours.match(name) and not name.startswith(f"{self.prefix}."):
+            if ours.fullmatch(name) and not name.startswith(f"{self.prefix}."):
                 try:
                     ray.kill(ray.get_actor(name))
                     log.info("pipeline %s: retired %s (older configuration)", self.pipeline, name)

@@ -71,7 +71,7 @@ _RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 _SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants 1.2.840.10008.5.1.4.1.1.7.n
 _SR_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*$")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)?\s*")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 FINISHED_SERIES = (SeriesState.DONE, SeriesState.IGNORED, SeriesState.FAILED)
 
@@ -100,7 +100,7 @@ def output_kind(sop_class_uid: str) -> str:
 
 def parse_duration(text: str) -> float:
     """``"90"``/``"90s"``, ``"10m"``, ``"2h"``, ``"3d"``, ``"1w"`` -> seconds; ValueError otherwise."""
-    match = _DURATION.match(text)
+    match = _DURATION.fullmatch(text)
     if match is None:
         raise ValueError(f"{text!r} is not a duration like 30s, 10m, 2h, 7d")
     return float(match.group(1)) * _UNIT[match.group(2) or "s"]
