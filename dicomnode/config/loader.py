@@ -28,35 +28,17 @@ T = TypeVar("T")
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
+    """``value`` (from YAML) as the annotated type ``tp``; a ConfigError naming ``where`` otherwise."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        for alternative in inner[:-1]:  # the first alternative that takes the value
-            try:
-                return _convert(alternative, value, where)
-            except ConfigError:
-                continue
-        return _convert(inner[-1], value, where)
+        return _convert_union(args, value, where)
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
     if origin is tuple:
-        if value is None:
-            return ()
-        if isinstance(value, (str, dict)) or not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        if args[0] == PreprocessStep:
-            return tuple(_parse_step(item, f"{where}[{i}]") for i, item in enumerate(value))
-        if args[0] is OutputKind:
-            try:
-                return output_kinds(_convert(str, item, f"{where}[{i}]") for i, item in enumerate(value))
-            except ValueError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-        return tuple(_convert(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
+        return _convert_list(args[0], value, where)
     if origin is Mapping:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
@@ -69,6 +51,40 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         except ValueError:
             allowed = ", ".join(repr(m.value) for m in tp)
             raise ConfigError(f"{where}: {value!r} is not one of {allowed}") from None
+    return _convert_scalar(tp, value, where)
+
+
+def _convert_union(args: tuple[Any, ...], value: Any, where: str) -> Any:
+    if value is None and type(None) in args:
+        return None
+    inner = [a for a in args if a is not type(None)]
+    for alternative in inner[:-1]:  # the first alternative that takes the value
+        try:
+            return _convert(alternative, value, where)
+        except ConfigError:
+            continue
+    return _convert(inner[-1], value, where)
+
+
+def _convert_list(item_type: Any, value: Any, where: str) -> tuple[Any, ...]:
+    """A YAML list (or nothing) as a tuple of ``item_type``; preprocessing steps and output kinds by their own
+    parsers."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, dict)) or not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+    if item_type == PreprocessStep:
+        return tuple(_parse_step(item, f"{where}[{i}]") for i, item in enumerate(value))
+    if item_type is OutputKind:
+        try:
+            return output_kinds(_convert(str, item, f"{where}[{i}]") for i, item in enumerate(value))
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return tuple(_convert(item_type, item, f"{where}[{i}]") for i, item in enumerate(value))
+
+
+def _convert_scalar(tp: Any, value: Any, where: str) -> Any:
+    """bool, int, float, str and Path; YAML's booleans are not numbers, numbers are strings where one is asked."""
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")

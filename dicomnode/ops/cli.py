@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -354,6 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    _queue_verbs(verb)
+    _tool_verbs(verb)
+    return parser
+
+
+_Verb = Callable[[str, Any, str], argparse.ArgumentParser]
+
+
+def _queue_verbs(verb: _Verb) -> None:
+    """The node and its queue: serve, status, jobs, show, retry, cancel, complete, purge."""
     verb("serve", cmd_serve, "run receiver(s) and worker(s) until SIGTERM/SIGINT (--json: JSON log lines)")
     p = verb("status", cmd_status, "counts per state, queue, backlog per destination, a row per series")
     p.add_argument("--watch", type=float, metavar="N", help="repeat every N seconds until Ctrl+C")
@@ -372,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verb("purge", cmd_purge, "delete files and history of finished series older than a duration")
     p.add_argument("--older-than", type=_duration, required=True, metavar="DURATION", help="e.g. 30d, 12h")
     p.add_argument("--force", action="store_true", help="also remove undelivered or unfinished work")
+
+
+def _tool_verbs(verb: _Verb) -> None:
+    """Tools around the node: send, echo, process, models, convert, health, config."""
     p = verb("send", cmd_send, "C-STORE files or folders to a destination or any AE")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--to", dest="destination", metavar="DEST", help="destination name from the config")
@@ -399,7 +413,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, metavar="S", help="seconds to wait (default 5)")
     p = verb("config", cmd_config, "print the effective configuration as YAML, ready to edit")
     p.add_argument("--print-defaults", action="store_true", help="the embedded default instead")
-    return parser
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:

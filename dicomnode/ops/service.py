@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 from dicomnode.config import Config, Engine
@@ -270,13 +271,7 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
     for child in children:
         start(child)
     _wait_for_receivers(children, signals, stop)
-    http = None
-    if cfg.metrics.enabled:
-        started_at = time.time()
-        http = start_http_server(cfg.metrics.host, cfg.metrics.port, cfg.db_path,
-                                         lambda: _health(children, started_at))
-    if page is not None:
-        page.start(functools.partial(_health, children, time.time()))
+    http = _start_health_pages(cfg, children, page)
     log.info("dicomnode %s serving on %s:%d with %d receiver(s) and %d worker(s)", cfg.node.ae_title,
              cfg.node.host, cfg.node.port, cfg.node.receivers, cfg.worker.workers)
     if ready is not None:
@@ -287,12 +282,7 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
     log.info("stopping")
     stop.set()
     listener.close()  # the receivers close their copies as they stop; then the port refuses connections
-    for child in children:
-        child.process.join(timeout=30)
-        if child.process.is_alive():
-            log.warning("%s did not stop in time; terminating", child.name)
-            child.process.terminate()
-            child.process.join(timeout=5)
+    _join_children(children)
     if http is not None:
         http.shutdown()
         http.server_close()
@@ -300,3 +290,26 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
         page.stop()
     log.info("stopped")
     return 0
+
+
+def _start_health_pages(cfg: Config, children: list[_Child],
+                        page: StatusPage | None) -> ThreadingHTTPServer | None:
+    """The metrics server (returned, or None) and the status page, both answering /health from ``children``."""
+    started_at = time.time()
+    http: ThreadingHTTPServer | None = None
+    if cfg.metrics.enabled:
+        http = start_http_server(cfg.metrics.host, cfg.metrics.port, cfg.db_path,
+                                 lambda: _health(children, started_at))
+    if page is not None:
+        page.start(functools.partial(_health, children, started_at))
+    return http
+
+
+def _join_children(children: list[_Child]) -> None:
+    """Wait up to 30 s for each child to stop after the stop event; terminate the ones that do not."""
+    for child in children:
+        child.process.join(timeout=30)
+        if child.process.is_alive():
+            log.warning("%s did not stop in time; terminating", child.name)
+            child.process.terminate()
+            child.process.join(timeout=5)

@@ -28,7 +28,7 @@ from dicomnode.config import OutputKind, output_kinds
 from dicomnode.errors import PipelineError
 from dicomnode.imaging.labels import LabelVolume
 from dicomnode.imaging.volume import Volume
-from dicomnode.outputs.measure import measure_labels
+from dicomnode.outputs.measure import LabelMeasures, measure_labels
 from dicomnode.outputs.provenance import Provenance
 from dicomnode.outputs.rtstruct import make_rtstruct
 from dicomnode.outputs.sc import make_overlays, make_summaries
@@ -107,41 +107,61 @@ def build_encoded_outputs(volume: Volume, labels: LabelVolume, *, pipeline: str,
                       institution_name=institution_name)
     ids = OutputIds(volume.series_instance_uid, pipeline, labels.algorithm_name, labels.algorithm_version,
                     series_number_base)
-    description = series_description or pipeline
     # counts, profiles and value sums of every label, measured once for the SR and all pictures
     needs_measures = (any(k not in (OutputKind.SEG, OutputKind.RTSTRUCT) for k in wanted)
                       and labels.data.shape == volume.shape)
-    measures = measure_labels(volume, labels) if needs_measures else None
-    def documents() -> list[tuple[Dataset, bytes]]:
-        """SEG, SR and RTSTRUCT (highdicom and pydicom: mostly Python), each checked."""
-        out: list[tuple[Dataset, bytes]] = []
-        if OutputKind.SEG in wanted:
-            seg = make_seg(volume, labels, ids=ids, prov=prov, series_description=f"{description} SEG")
-            out.append((seg, check_output(seg)))
-            if OutputKind.SR in wanted:
-                sr = make_sr(volume, labels, seg, ids=ids, prov=prov,
-                             series_description=f"{description} measurements", measures=measures)
-                out.append((sr, check_output(sr)))
-        if OutputKind.RTSTRUCT in wanted:
-            rt = make_rtstruct(volume, labels, ids=ids, prov=prov, series_description=f"{description} RTSTRUCT")
-            out.append((rt, check_output(rt)))
-        return out
-
-    def pictures() -> list[tuple[Dataset, bytes]]:
-        """The Secondary Captures (numpy and Pillow, which release the GIL for most of their work), checked."""
-        out: list[Dataset] = []
-        if OutputKind.SC_OVERLAY in wanted:
-            out.extend(make_overlays(volume, labels, ids=ids, prov=prov, series_description=description,
-                                     every=overlay_every, max_count=overlay_max, measures=measures))
-        summaries = [k for k in wanted if k in (OutputKind.SC_PLANES, OutputKind.SC_SURFACE)]
-        if summaries:
-            out.extend(make_summaries(volume, labels, ids=ids, prov=prov, series_description=description,
-                                      kinds=summaries, measures=measures))
-        return [(ds, check_output(ds)) for ds in out]
-
+    job = _Encoding(volume, labels, wanted, ids, prov, series_description or pipeline,
+                    measure_labels(volume, labels) if needs_measures else None, overlay_every, overlay_max)
     # The two halves are independent: the pictures are drawn on a second thread while this one builds the
     # documents, so they overlap on two cores (the order of the result stays the documented one).
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode-pictures") as pool:
-        drawn = pool.submit(pictures)
-        first = documents()
+        drawn = pool.submit(_pictures, job)
+        first = _documents(job)
         return first + drawn.result()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Encoding:
+    """What one job's objects are built from (see :func:`build_encoded_outputs`)."""
+
+    volume: Volume
+    labels: LabelVolume
+    wanted: tuple[OutputKind, ...]
+    ids: OutputIds
+    prov: Provenance
+    description: str
+    measures: LabelMeasures | None
+    overlay_every: int
+    overlay_max: int
+
+
+def _documents(job: _Encoding) -> list[tuple[Dataset, bytes]]:
+    """SEG, SR and RTSTRUCT (highdicom and pydicom: mostly Python), each checked."""
+    out: list[tuple[Dataset, bytes]] = []
+    if OutputKind.SEG in job.wanted:
+        seg = make_seg(job.volume, job.labels, ids=job.ids, prov=job.prov,
+                       series_description=f"{job.description} SEG")
+        out.append((seg, check_output(seg)))
+        if OutputKind.SR in job.wanted:
+            sr = make_sr(job.volume, job.labels, seg, ids=job.ids, prov=job.prov,
+                         series_description=f"{job.description} measurements", measures=job.measures)
+            out.append((sr, check_output(sr)))
+    if OutputKind.RTSTRUCT in job.wanted:
+        rt = make_rtstruct(job.volume, job.labels, ids=job.ids, prov=job.prov,
+                           series_description=f"{job.description} RTSTRUCT")
+        out.append((rt, check_output(rt)))
+    return out
+
+
+def _pictures(job: _Encoding) -> list[tuple[Dataset, bytes]]:
+    """The Secondary Captures (numpy and Pillow, which release the GIL for most of their work), checked."""
+    out: list[Dataset] = []
+    if OutputKind.SC_OVERLAY in job.wanted:
+        out.extend(make_overlays(job.volume, job.labels, ids=job.ids, prov=job.prov,
+                                 series_description=job.description, every=job.overlay_every,
+                                 max_count=job.overlay_max, measures=job.measures))
+    summaries = [k for k in job.wanted if k in (OutputKind.SC_PLANES, OutputKind.SC_SURFACE)]
+    if summaries:
+        out.extend(make_summaries(job.volume, job.labels, ids=job.ids, prov=job.prov,
+                                  series_description=job.description, kinds=summaries, measures=job.measures))
+    return [(ds, check_output(ds)) for ds in out]
