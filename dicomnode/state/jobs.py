@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dicomnode.errors import DicomNodeError
+from dicomnode.state.rows import job_row
 from dicomnode.state.store import (
     DeliveryState,
     JobRow,
@@ -26,7 +27,6 @@ from dicomnode.state.store import (
     SeriesRow,
     SeriesState,
     Store,
-    _job,
 )
 
 
@@ -150,7 +150,7 @@ def claim(store: Store, owner: str, *, now: float, lease_seconds: float) -> JobR
         Store.event(conn, "job.running", f"attempt {row['attempts'] + 1} by {owner}", now=now,
                     series_uid=row["series_uid"], job_id=row["id"])
         claimed = conn.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
-    return _job(claimed)
+    return job_row(claimed)
 
 
 def renew_lease(store: Store, job_id: int, owner: str, *, now: float, lease_seconds: float) -> bool:
@@ -271,7 +271,7 @@ def retry(store: Store, job_id: int, *, now: float) -> JobRow:
                       SeriesState.DONE.value))
         Store.event(conn, "job.retry", "retry requested by operator", now=now, series_uid=row["series_uid"],
                     job_id=job_id)
-        return _job(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        return job_row(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
 
 def cancel(store: Store, job_id: int, *, now: float) -> JobRow:
@@ -288,7 +288,7 @@ def cancel(store: Store, job_id: int, *, now: float) -> JobRow:
         Store.event(conn, "job.cancelled", "cancelled by operator", now=now, series_uid=row["series_uid"],
                     job_id=job_id)
         _refresh_series(conn, row["series_uid"], now)
-        return _job(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        return job_row(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
 
 # ---------------------------------------------------------------------------------------- deliveries

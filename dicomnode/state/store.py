@@ -21,7 +21,6 @@ net for any writer that does not take the lock.
 
 from __future__ import annotations
 
-import enum
 import fcntl
 import os
 import sqlite3
@@ -29,149 +28,30 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from dicomnode.errors import StoreError
 from dicomnode.state import schema
+from dicomnode.state.rows import (
+    DeliveryRow,
+    DeliveryState,
+    EventRow,
+    InstanceMeta,
+    InstanceRow,
+    JobRow,
+    JobState,
+    RecordOutcome,
+    SeriesRow,
+    SeriesState,
+    delivery_row,
+    job_row,
+    series_row,
+)
 
-
-class SeriesState(str, enum.Enum):
-    RECEIVING = "RECEIVING"  # instances arriving; not yet judged complete
-    COMPLETE = "COMPLETE"  # judged complete and routed; jobs queued or running
-    DONE = "DONE"  # every job of the current generation is DONE
-    FAILED = "FAILED"  # a job of the current generation FAILED for good
-    IGNORED = "IGNORED"  # matched no rule (reason says why)
-
-
-class JobState(str, enum.Enum):
-    QUEUED = "QUEUED"  # waiting; next_attempt_at may lie in the future (backoff)
-    RUNNING = "RUNNING"  # claimed by a worker holding an unexpired lease
-    DONE = "DONE"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-
-
-class DeliveryState(str, enum.Enum):
-    PENDING = "PENDING"
-    STORED = "STORED"  # the destination answered success or a warning (0x0000, 0xB000, 0xB006, 0xB007)
-    REJECTED = "REJECTED"  # the destination refused it for good
-    DRY_RUN = "DRY_RUN"  # would have been sent; the pipeline runs in dry-run mode
-
-
-@dataclass(frozen=True)
-class InstanceMeta:
-    """What the receiver records about one instance (header attributes, no pixel data)."""
-
-    sop_uid: str
-    sop_class_uid: str
-    series_uid: str
-    study_uid: str
-    transfer_syntax: str
-    modality: str = ""
-    body_part: str = ""
-    description: str = ""
-    image_type: str = ""  # backslash-joined ImageType values
-    calling_aet: str = ""
-
-
-@dataclass(frozen=True)
-class SeriesRow:
-    series_uid: str
-    study_uid: str
-    modality: str
-    body_part: str
-    description: str
-    sop_class_uid: str
-    image_type: str
-    calling_aet: str
-    n_instances: int
-    n_bytes: int
-    first_received: float
-    last_received: float
-    released_at: float | None
-    state: SeriesState
-    reason: str
-    generation: int
-
-
-@dataclass(frozen=True)
-class InstanceRow:
-    sop_uid: str
-    series_uid: str
-    sop_class_uid: str
-    transfer_syntax: str
-    path: str
-    size: int
-    received_at: float
-    missing: bool
-
-
-@dataclass(frozen=True)
-class JobRow:
-    id: int
-    series_uid: str
-    pipeline: str
-    generation: int
-    state: JobState
-    attempts: int
-    lease_owner: str | None
-    lease_expires: float | None
-    next_attempt_at: float
-    created_at: float
-    updated_at: float
-    error: str
-    outputs_ready: bool
-
-
-@dataclass(frozen=True)
-class DeliveryRow:
-    job_id: int
-    destination: str
-    sop_uid: str
-    path: str
-    sop_class_uid: str
-    transfer_syntax: str
-    state: DeliveryState
-    status: int | None
-    detail: str
-    updated_at: float
-
-
-@dataclass(frozen=True)
-class EventRow:
-    id: int
-    ts: float
-    kind: str
-    series_uid: str | None
-    job_id: int | None
-    message: str
-
-
-class RecordOutcome(str, enum.Enum):
-    NEW = "new"
-    REPLACED = "replaced"  # same SOP Instance UID seen before: the file was replaced, counted once
-    REOPENED = "reopened"  # arrived after the series was complete; the series is processed again
-    LATE_IGNORED = "late-ignored"  # arrived after completion; stored, not processed again (policy)
-
-
-def _series(row: sqlite3.Row) -> SeriesRow:
-    d = dict(row)
-    d["state"] = SeriesState(d["state"])
-    return SeriesRow(**d)
-
-
-def _job(row: sqlite3.Row) -> JobRow:
-    d = dict(row)
-    d["state"] = JobState(d["state"])
-    d["outputs_ready"] = bool(d["outputs_ready"])
-    return JobRow(**d)
-
-
-def _delivery(row: sqlite3.Row) -> DeliveryRow:
-    d = dict(row)
-    d["state"] = DeliveryState(d["state"])
-    return DeliveryRow(**d)
+__all__ = [  # the rows and states are part of the store's interface (defined in rows.py)
+    "DeliveryRow", "DeliveryState", "EventRow", "InstanceMeta", "InstanceRow", "JobRow", "JobState",
+    "RecordOutcome", "SeriesRow", "SeriesState", "Store",
+]
 
 
 class Store:
@@ -272,15 +152,15 @@ class Store:
 
     def get_series(self, series_uid: str) -> SeriesRow | None:
         rows = self.read("SELECT * FROM series WHERE series_uid = ?", (series_uid,))
-        return _series(rows[0]) if rows else None
+        return series_row(rows[0]) if rows else None
 
     def list_series(self, *, limit: int = 1000) -> list[SeriesRow]:
         rows = self.read("SELECT * FROM series ORDER BY last_received DESC LIMIT ?", (limit,))
-        return [_series(r) for r in rows]
+        return [series_row(r) for r in rows]
 
     def series_in_state(self, state: SeriesState) -> list[SeriesRow]:
         rows = self.read("SELECT * FROM series WHERE state = ? ORDER BY last_received", (state.value,))
-        return [_series(r) for r in rows]
+        return [series_row(r) for r in rows]
 
     def instances(self, series_uid: str, *, include_missing: bool = False) -> list[InstanceRow]:
         sql = "SELECT * FROM instances WHERE series_uid = ?" + ("" if include_missing else " AND missing = 0")
@@ -295,7 +175,7 @@ class Store:
 
     def get_job(self, job_id: int) -> JobRow | None:
         rows = self.read("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        return _job(rows[0]) if rows else None
+        return job_row(rows[0]) if rows else None
 
     def list_jobs(self, *, state: JobState | None = None, since: float | None = None,
                   series_uid: str | None = None, limit: int = 1000) -> list[JobRow]:
@@ -307,7 +187,7 @@ class Store:
                 params.append(value)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         rows = self.read(f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?", (*params, limit))
-        return [_job(r) for r in rows]
+        return [job_row(r) for r in rows]
 
     def deliveries(self, job_id: int, *, destination: str | None = None) -> list[DeliveryRow]:
         if destination is None:
@@ -315,7 +195,7 @@ class Store:
         else:
             rows = self.read("SELECT * FROM deliveries WHERE job_id = ? AND destination = ? ORDER BY sop_uid",
                              (job_id, destination))
-        return [_delivery(r) for r in rows]
+        return [delivery_row(r) for r in rows]
 
     def events(self, *, series_uid: str | None = None, job_id: int | None = None,
                limit: int = 1000) -> list[EventRow]:
