@@ -30,7 +30,7 @@ from typing import Any
 from dicomnode import __version__
 from dicomnode.config import Config, Destination, check_ae_title, load_config
 from dicomnode.errors import ConfigError, DicomNodeError
-from dicomnode.ops import admin, tables
+from dicomnode.ops import admin, retention, tables
 from dicomnode.ops.logs import configure_logging
 from dicomnode.ops.runtime import configure_libraries
 from dicomnode.state.store import JobState
@@ -135,7 +135,7 @@ def cmd_complete(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    doc = admin.purge(_config(args), args.older_than, force=args.force)
+    doc = retention.purge(_config(args), args.older_than, force=args.force)
     if _emit(args, doc):
         return 0
     for r in doc["removed"]:
