@@ -5,10 +5,13 @@ threads, temporary spool files)."""
 from __future__ import annotations
 
 import os
+import selectors
 import socket
+import ssl
 import struct
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +165,71 @@ def command(field: int, message_id: int, sop_class: str | bytes, sop_instance: s
 def status_of(pdu_body: bytes) -> int:
     """The Status (0000,0900) of the one-PDV command PDU body ``pdu_body`` (a P-DATA-TF)."""
     return int(struct.unpack("<H", decode_command(pdu_body[6:])[0x00000900])[0])
+
+
+RQ_HEADER = b"\x01\x00\x00\x00\x10\x00"  # A-ASSOCIATE-RQ of 4096 bytes, which never come whole
+
+
+def slow_connection(port: int, first: bytes) -> socket.socket:
+    """A TCP connection to the node that has sent ``first`` and nothing more."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(first)
+    return sock
+
+
+class Trickler:
+    """``n`` connections made by ``connect()`` (plain or TLS) that each go on sending ``payload`` one byte a
+    second, then zeros; records when the node closes each one (seconds after it connected)."""
+
+    def __init__(self, connect: Callable[[], socket.socket], n: int, payload: bytes) -> None:
+        self.payload = payload
+        self.opened: dict[socket.socket, float] = {}
+        self.closed_after: list[float] = []
+        self._selector = selectors.DefaultSelector()
+        for _ in range(n):
+            connected = time.monotonic()
+            sock = connect()
+            sock.setblocking(False)
+            self.opened[sock] = connected
+            self._selector.register(sock, selectors.EVENT_READ)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        next_byte, sent = time.monotonic() + 1.0, 0
+        while self.opened and not self._stop.is_set():
+            for key, _ in self._selector.select(0.1):
+                self._check(key.fileobj)  # type: ignore[arg-type]
+            if time.monotonic() >= next_byte:
+                byte = self.payload[sent:sent + 1] or b"\x00"
+                next_byte, sent = next_byte + 1.0, sent + 1
+                for sock in list(self.opened):
+                    try:
+                        sock.send(byte)
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                        pass
+                    except OSError:
+                        self._closed(sock)
+
+    def _check(self, sock: socket.socket) -> None:
+        try:
+            if sock.recv(64):
+                return  # an A-ABORT or A-ASSOCIATE-RJ: the close follows
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            return
+        except OSError:
+            pass
+        self._closed(sock)
+
+    def _closed(self, sock: socket.socket) -> None:
+        if sock in self.opened:
+            self.closed_after.append(time.monotonic() - self.opened.pop(sock))
+            self._selector.unregister(sock)
+            sock.close()
+
+    def wait(self, timeout: float) -> None:
+        self._thread.join(timeout)
+        self._stop.set()
+        for sock in list(self.opened):
+            sock.close()

@@ -6,8 +6,6 @@ DCMTK storescu send goes through meanwhile."""
 from __future__ import annotations
 
 import os
-import selectors
-import socket
 import threading
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from dicomnode.config import parse_config
 from dicomnode.errors import ConfigError
 from tests.conftest import series_dir
 from tests.peers import NodeProcess, node_config, stored_count, storescu, wait_until
-from tests.scp_peer import raw_associate, read_pdu
+from tests.scp_peer import RQ_HEADER, Trickler, raw_associate, read_pdu, slow_connection
 
 pytestmark = pytest.mark.peers
 
@@ -50,65 +48,6 @@ def _rss_mb_and_threads(pid: int) -> tuple[float, int]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["Threads"])
 
 
-RQ_HEADER = b"\x01\x00\x00\x00\x10\x00"  # A-ASSOCIATE-RQ of 4096 bytes, which never come whole
-
-
-class Trickler:
-    """``n`` connections that each send an A-ASSOCIATE-RQ one byte a second (its header, then zeros);
-    records when the node closes each one (seconds after it connected)."""
-
-    def __init__(self, port: int, n: int) -> None:
-        self.sockets: list[socket.socket] = []
-        self.opened: dict[socket.socket, float] = {}
-        self.closed_after: list[float] = []
-        self._selector = selectors.DefaultSelector()
-        for _ in range(n):
-            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-            sock.sendall(RQ_HEADER[:1])
-            sock.setblocking(False)
-            self.opened[sock] = time.monotonic()
-            self._selector.register(sock, selectors.EVENT_READ)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        next_byte, sent = time.monotonic() + 1.0, 1
-        while self.opened and not self._stop.is_set():
-            for key, _ in self._selector.select(0.1):
-                self._check(key.fileobj)  # type: ignore[arg-type]
-            if time.monotonic() >= next_byte:
-                byte = RQ_HEADER[sent:sent + 1] or b"\x00"
-                next_byte, sent = next_byte + 1.0, sent + 1
-                for sock in list(self.opened):
-                    try:
-                        sock.send(byte)
-                    except OSError:
-                        self._closed(sock)
-
-    def _check(self, sock: socket.socket) -> None:
-        try:
-            if sock.recv(64):
-                return  # an A-ABORT or A-ASSOCIATE-RJ: the close follows
-        except BlockingIOError:
-            return
-        except OSError:
-            pass
-        self._closed(sock)
-
-    def _closed(self, sock: socket.socket) -> None:
-        if sock in self.opened:
-            self.closed_after.append(time.monotonic() - self.opened.pop(sock))
-            self._selector.unregister(sock)
-            sock.close()
-
-    def wait(self, timeout: float) -> None:
-        self._thread.join(timeout)
-        self._stop.set()
-        for sock in list(self.opened):
-            sock.close()
-
-
 def test_hundreds_of_slow_connections_are_bounded_and_closed_by_the_deadline(tmp_path: Path) -> None:
     node = NodeProcess(tmp_path, node_config(tmp_path, node={"acse_timeout": ARTIM, "network_timeout": 10},
                                              worker={"workers": 0})).start()
@@ -118,7 +57,7 @@ def test_hundreds_of_slow_connections_are_bounded_and_closed_by_the_deadline(tmp
         receiver = _receiver_pid(node.proc.pid)  # type: ignore[union-attr]
         rss0, threads0 = _rss_mb_and_threads(receiver)
         start = time.monotonic()
-        trickler = Trickler(node.port, SLOW_CONNECTIONS)
+        trickler = Trickler(lambda: slow_connection(node.port, RQ_HEADER[:1]), SLOW_CONNECTIONS, RQ_HEADER[1:])
         peak: list[tuple[float, int]] = []
         sampler_stop = threading.Event()
 

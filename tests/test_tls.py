@@ -4,8 +4,11 @@ node's SCU (``dicomnode send`` and a forward pipeline) against a TLS storescp.""
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from tests.peers import (
     stored_count,
     wait_until,
 )
+from tests.scp_peer import RQ_HEADER, Trickler, slow_connection
 
 pytestmark = pytest.mark.peers
 
@@ -132,3 +136,47 @@ def test_require_client_cert_without_ca_file_is_a_start_up_error(certs: Path, tm
     node = NodeProcess(tmp_path, node_config(tmp_path, node={"tls": {**tls, "require_client_cert": True}}))
     with pytest.raises(RuntimeError, match="require_client_cert"):
         node.start()  # `dicomnode serve` exits at start-up and says why
+
+
+ARTIM = 4.0
+# A TLS record header announcing a 512-byte handshake message (a ClientHello), whose body never comes whole.
+CLIENT_HELLO_HEADER = b"\x16\x03\x01\x02\x00\x01"
+
+
+def test_tls_peers_trickling_the_handshake_or_the_request_are_closed_by_the_deadline(certs: Path,
+                                                                                      tmp_path: Path) -> None:
+    """ARTIM is a deadline from the moment of connection, TLS or not (issue 16, fault 3): peers that trickle
+    their ClientHello, or finish the handshake and then trickle the A-ASSOCIATE-RQ inside TLS, are closed by
+    it, and a real storescu send over TLS goes through while they are held."""
+    tls = {"enabled": True, "cert_file": str(certs / "server.crt"), "key_file": str(certs / "server.key"),
+           "ca_file": str(certs / "ca.crt")}
+    node = NodeProcess(tmp_path, node_config(tmp_path, node={"tls": tls, "acse_timeout": ARTIM,
+                                                             "network_timeout": 10},
+                                             worker={"workers": 0})).start()
+    client = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    client.load_cert_chain(str(certs / "client.crt"), str(certs / "client.key"))
+
+    def handshaken() -> socket.socket:
+        sock = client.wrap_socket(socket.create_connection(("127.0.0.1", node.port), timeout=5),
+                                  server_hostname="127.0.0.1")
+        sock.sendall(RQ_HEADER[:1])
+        return sock
+
+    files = sorted(series_dir("P03").iterdir())[:6]
+    trusted = ("+tls", str(certs / "client.key"), str(certs / "client.crt"), "+cf", str(certs / "ca.crt"))
+    try:
+        start = time.monotonic()
+        hello = Trickler(lambda: slow_connection(node.port, CLIENT_HELLO_HEADER[:1]), 40, CLIENT_HELLO_HEADER[1:])
+        inside = Trickler(handshaken, 20, RQ_HEADER[1:])
+        out = _dcmtk("storescu", *trusted, "127.0.0.1", str(node.port), *map(str, files))
+        sent_after = time.monotonic() - start
+        hello.wait(ARTIM + 10)
+        inside.wait(ARTIM + 10)
+    finally:
+        node.stop()
+    assert out.returncode == 0 and stored_count(out) == 6, out.stderr
+    assert sent_after < ARTIM, "the send did not wait for the slow connections' deadline"
+    for trickler, n in ((hello, 40), (inside, 20)):
+        assert len(trickler.closed_after) == n and not trickler.opened
+        assert max(trickler.closed_after) < ARTIM + 1.5, "every slow connection closed by its deadline"
+        assert min(trickler.closed_after) > ARTIM - 0.5, "closed by the deadline, not at once"
