@@ -1,11 +1,13 @@
 """TotalSegmentator: the node's labels (models resident) equal, voxel for voxel, what TotalSegmentator's own Python
 API writes for the NIfTI of the same series, with tiny random models placed in a weights folder under the
-dataset names TotalSegmentator looks for (its ``fast`` total task: Dataset297, 117 classes). And the start-up
+dataset names TotalSegmentator looks for (its ``fast`` total task: Dataset297, 117 classes; and the full
+``total`` task: five part models, Dataset291-295, combined by its part maps). And the start-up
 error, naming the folders looked for, when the weights are missing.
 
 The judge runs in a subprocess with TotalSegmentator's environment (TOTALSEG_HOME_DIR with usage statistics
-off, TOTALSEG_WEIGHTS_PATH). One workaround, the same as the node's: the fast model's trainer
-(nnUNetTrainer_4000epochs_NoMirroring) is registered in TotalSegmentator's own ``custom_trainers`` table, because
+off, TOTALSEG_WEIGHTS_PATH). One workaround, the same as the node's: the models' trainer
+(nnUNetTrainer_4000epochs_NoMirroring for fast, nnUNetTrainerNoMirroring for the parts) is registered in
+TotalSegmentator's own ``custom_trainers`` table, because
 nnU-Net's trainer search would otherwise import its Primus trainers, hence timm and the registry's torchvision,
 which cannot load next to the CPU torch here. The trainer only builds the network from the plans.
 """
@@ -32,8 +34,10 @@ from tests.conftest import series_dir
 from tests.model_checks import convert, nifti_labels, seg_round_trip
 
 pytestmark = pytest.mark.slow
-TRAINER = ("nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs_NoMirroring",
-           "nnUNetTrainer_4000epochs_NoMirroring")
+TRAINERS = {True: ("nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs_NoMirroring",
+                    "nnUNetTrainer_4000epochs_NoMirroring"),
+            False: ("nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerNoMirroring",
+                    "nnUNetTrainerNoMirroring")}
 
 
 @pytest.fixture(scope="module")
@@ -48,16 +52,17 @@ def p03() -> Volume:
     return load_series_dir(series_dir("P03"))
 
 
-def _api(nifti: Path, out: Path, weights: Path, home: Path) -> None:
+def _api(nifti: Path, out: Path, weights: Path, home: Path, *, fast: bool = True) -> None:
     home.mkdir()
     (home / "config.json").write_text(json.dumps({"totalseg_id": "totalseg_test", "send_usage_stats": False,
                                                   "prediction_counter": 0, "statistics_disclaimer_shown": True}))
     env = dict(os.environ, TOTALSEG_HOME_DIR=str(home), TOTALSEG_WEIGHTS_PATH=str(weights),
                nnUNet_results=str(weights), nnUNet_raw=str(weights), nnUNet_preprocessed=str(weights))
-    code = (f"import totalsegmentator.nnunet as tsn; from {TRAINER[0]} import {TRAINER[1]} as T; "
+    trainer = TRAINERS[fast]
+    code = (f"import totalsegmentator.nnunet as tsn; from {trainer[0]} import {trainer[1]} as T; "
             "tsn.custom_trainers[T.__name__] = T; "
             "from totalsegmentator.python_api import totalsegmentator; "
-            f"totalsegmentator({str(nifti)!r}, {str(out)!r}, task='total', fast=True, ml=True, device='cpu', "
+            f"totalsegmentator({str(nifti)!r}, {str(out)!r}, task='total', fast={fast}, ml=True, device='cpu', "
             "quiet=True)")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                          check=False)
@@ -86,6 +91,26 @@ def test_node_equals_totalsegmentator_api_voxel_for_voxel(weights: Path, p03: Vo
     assert liver.SegmentedPropertyTypeCodeSequence[0].CodeValue == "10200004"
     coded = [s for s in seg.SegmentSequence if "no SNOMED CT code" in str(s.get("SegmentDescription", ""))]
     assert len(coded) < 5, [s.SegmentLabel for s in coded]  # TotalSegmentator's own mapping codes nearly all
+
+
+def test_the_five_part_total_task_equals_totalsegmentator_api(p03: Volume, tmp_path: Path) -> None:
+    """``total`` without ``fast``: five part models (Dataset291-295) at 1.5 mm, each part's labels mapped to
+    the task's by TotalSegmentator's part maps and combined, all five resident."""
+    weights = tmp_path / "weights"
+    totalsegmentator_weights(weights, "total", fast=False)
+    convert(series_dir("P03"), tmp_path / "ct.nii.gz")
+    _api(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", weights, tmp_path / "home", fast=False)
+    judge = nifti_labels(tmp_path / "seg.nii.gz", p03)
+    model = ModelConfig(kind=SegmenterKind.TOTALSEGMENTATOR, task="total", fast=False, weights=weights)
+    segmenter = build_segmenter(model)
+    assert isinstance(segmenter, TotalSegmentatorSegmenter) and sorted(segmenter.models) == [291, 292, 293, 294, 295]
+    labels = segmenter.segment(p03)
+    assert np.array_equal(labels.data, judge), int((labels.data != judge).sum())
+    found = set(np.unique(judge).tolist()) - {0}
+    parts = {tid: set(lut[lut > 0].tolist()) for tid, lut in segmenter.part_luts.items()}
+    assert sum(1 for classes in parts.values() if classes & found) >= 3, "labels from several part models"
+    assert labels.algorithm_name == "TotalSegmentator total"
+    assert labels.algorithm_version.endswith("/291+292+293+294+295")
 
 
 def test_missing_weights_fail_at_start_up_naming_the_folders(tmp_path: Path) -> None:

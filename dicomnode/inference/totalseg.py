@@ -111,7 +111,7 @@ class TotalSegmentatorSegmenter:
         self.models = {tid: (make_predictor(folder, folds, "checkpoint_final.pth", tile_step=step, mirroring=False,
                                             device=device), reader_reorients(read_json(folder / "plans.json"), folder))
                        for tid, folder in folders.items()}
-        self._parts = self._part_luts(task) if len(folders) > 1 else {}
+        self.part_luts = self._part_luts(task, tuple(folders)) if len(folders) > 1 else {}
         self._labels = label_infos(dict(class_map[task]), model.codes)
         self.name = f"TotalSegmentator {task}{' fast' if model.fast else ''}"[:64]
         self.version = self._version(folders)
@@ -127,8 +127,10 @@ class TotalSegmentatorSegmenter:
         return f"{importlib.metadata.version('totalsegmentator')}/{datasets}"
 
     @staticmethod
-    def _part_luts(task: str) -> dict[int, npt.NDArray[np.uint8]]:
-        """Dataset id -> lookup table from the part model's labels to the task's (TotalSegmentator's maps)."""
+    def _part_luts(task: str, ids: tuple[int, ...]) -> dict[int, npt.NDArray[np.uint8]]:
+        """Dataset id -> lookup table from that part model's labels to the task's, for the task's own part
+        models (``ids``) by TotalSegmentator's maps (its map of dataset ids to part names also lists the parts
+        of other versions of the task, whose classes the task does not have)."""
         from totalsegmentator import map_to_binary
 
         if task not in PARTS:
@@ -137,12 +139,12 @@ class TotalSegmentatorSegmenter:
         names = getattr(map_to_binary, PARTS[task][1])
         inverse = {name: value for value, name in map_to_binary.class_map[task].items()}
         luts = {}
-        for tid, part in names.items():
-            part_map = parts[part]
+        for tid in ids:
+            part_map = parts[names[tid]]
             lut = np.zeros(max(part_map) + 1, dtype=np.uint8)
             for index, name in part_map.items():
                 lut[index] = inverse[name]
-            luts[int(tid)] = lut
+            luts[tid] = lut
         return luts
 
     def segment(self, volume: Volume) -> LabelVolume:
@@ -176,8 +178,8 @@ class TotalSegmentatorSegmenter:
             given = storage_input(storage, image.affine, zooms, reorient)
             seg = np.asarray(given.undo(predictor.predict_single_npy_array(given.image, given.properties, None,
                                                                           None, False))).astype(np.uint8)
-            if tid in self._parts:
-                lut = self._parts[tid]
+            if tid in self.part_luts:
+                lut = self.part_luts[tid]
                 if seg.size and int(seg.max()) >= len(lut):
                     lut = np.pad(lut, (0, int(seg.max()) + 1 - len(lut)))
                 seg = lut[seg]
