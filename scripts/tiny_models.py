@@ -84,14 +84,17 @@ def _plans(arch: NnUNetArch, dataset_name: str, configuration: str) -> dict[str,
 def nnunet_model_folder(folder: Path, labels: dict[str, int], *, arch: NnUNetArch = NnUNetArch(),
                         folds: tuple[int, ...] = (0,), seed: int = 0, trainer: str = "nnUNetTrainer",
                         configuration: str = "3d_fullres", dataset_name: str = "Dataset999_Tiny",
-                        mirror_axes: tuple[int, ...] | None = (0, 1, 2), init_std: float = 0.1) -> Path:
+                        mirror_axes: tuple[int, ...] | None = (0, 1, 2), init_std: float = 0.1,
+                        plans: dict[str, Any] | None = None, in_channels: int = 1) -> Path:
     """Write an nnU-Net v2 model folder at ``folder`` (created) with random weights; ``labels`` maps names to
-    values as in ``dataset.json`` (background 0 included or added). Returns ``folder``."""
+    values as in ``dataset.json`` (background 0 included or added). ``plans`` replaces the one-configuration
+    plans made from ``arch`` (whose network the checkpoint holds, with ``in_channels`` inputs). Returns
+    ``folder``."""
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
     labels = {"background": 0, **labels}
     folder.mkdir(parents=True, exist_ok=True)
-    plans = _plans(arch, dataset_name, configuration)
+    plans = plans or _plans(arch, dataset_name, configuration)
     dataset = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 1, "file_ending": ".nii.gz",
                "name": dataset_name, "release": "1.0-test"}
     (folder / "plans.json").write_text(json.dumps(plans, indent=2))
@@ -99,7 +102,7 @@ def nnunet_model_folder(folder: Path, labels: dict[str, int], *, arch: NnUNetArc
     n = len(arch.features)
     for i, fold in enumerate(folds):
         torch.manual_seed(seed + i)
-        net = PlainConvUNet(1, n, list(arch.features), torch.nn.Conv3d, 3, [list(s) for s in arch.strides],
+        net = PlainConvUNet(in_channels, n, list(arch.features), torch.nn.Conv3d, 3, [list(s) for s in arch.strides],
                             [arch.convs_per_stage] * n, len(labels), [arch.convs_per_stage] * (n - 1), True,
                             torch.nn.InstanceNorm3d, {"eps": 1e-5, "affine": True}, None, None,
                             torch.nn.LeakyReLU, {"inplace": True}, deep_supervision=False)
@@ -114,6 +117,26 @@ def nnunet_model_folder(folder: Path, labels: dict[str, int], *, arch: NnUNetArc
         (folder / f"fold_{fold}").mkdir(exist_ok=True)
         torch.save(checkpoint, folder / f"fold_{fold}" / "checkpoint_final.pth")
     return folder
+
+
+def nnunet_cascade(dataset: Path, labels: dict[str, int], *, low: NnUNetArch, full: NnUNetArch, seed: int = 0,
+                   dataset_name: str = "Dataset998_TinyCascade") -> tuple[Path, Path]:
+    """An nnU-Net v2 cascade in the dataset folder ``dataset``, as nnU-Net's planner and training leave it: one
+    plans.json with ``3d_lowres`` (``next_stage``), ``3d_fullres`` and ``3d_cascade_fullres`` (inherits from
+    3d_fullres, ``previous_stage`` 3d_lowres), and two trained-model folders: the low-resolution model and the
+    cascade's full-resolution model, whose network takes the image plus one channel per foreground label (the
+    previous stage's segmentation, one-hot). Returns (lowres folder, cascade folder)."""
+    plans = _plans(low, dataset_name, "3d_lowres")
+    plans["configurations"]["3d_lowres"]["next_stage"] = ["3d_cascade_fullres"]
+    plans["configurations"]["3d_fullres"] = _plans(full, dataset_name, "3d_fullres")["configurations"]["3d_fullres"]
+    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    inner = "nnUNetTrainer__nnUNetPlans__"
+    lowres = nnunet_model_folder(dataset / f"{inner}3d_lowres", labels, arch=low, seed=seed,
+                                 configuration="3d_lowres", dataset_name=dataset_name, plans=plans, mirror_axes=None)
+    cascade = nnunet_model_folder(dataset / f"{inner}3d_cascade_fullres", labels, arch=full, seed=seed + 1,
+                                  configuration="3d_cascade_fullres", dataset_name=dataset_name, plans=plans,
+                                  in_channels=1 + len(labels), mirror_axes=None)
+    return lowres, cascade
 
 
 def monai_inference_config(roi: tuple[int, int, int] = (32, 32, 16),

@@ -9,6 +9,7 @@ so a flipped or transposed input would show. This is the test of axis order, spa
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from dicomnode.imaging.labels import LabelVolume
 from dicomnode.imaging.volume import Volume, load_series_dir
 from dicomnode.inference.nnunet import NnUNetSegmenter, available_folds, nnunet_input
 from dicomnode.inference.segmenter import build_segmenter
-from scripts.tiny_models import NnUNetArch, nnunet_model_folder
+from scripts.tiny_models import NnUNetArch, nnunet_cascade, nnunet_model_folder
 from tests.conftest import series_dir
 from tests.model_checks import BIN, convert, nifti_labels, seg_round_trip
 
@@ -112,3 +113,40 @@ def test_folds_checkpoint_and_configuration_are_checked(case: Case, tmp_path: Pa
     empty.mkdir()
     with pytest.raises(PipelineError, match="no single nnU-Net model folder"):
         NnUNetSegmenter(ModelConfig(kind=SegmenterKind.NNUNET, path=empty), torch.device("cpu"))
+
+
+def _nnunetv2_predict(root: Path, results: Path, dataset: str, configuration: str, out: Path,
+                      *extra: str) -> None:
+    env = dict(os.environ, nnUNet_results=str(results), nnUNet_raw=str(root), nnUNet_preprocessed=str(root))
+    cmd = [str(BIN / "nnUNetv2_predict"), "-i", str(root / "in"), "-o", str(out), "-d", dataset,
+           "-c", configuration, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta", *extra]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_a_cascade_equals_nnunetv2_predict_with_the_previous_stage(case: Case, tmp_path: Path) -> None:
+    """``configuration: 3d_cascade_fullres``: the node runs the 3d_lowres model first and gives its labels to
+    the full-resolution stage in memory; nnUNetv2_predict does the same through ``-prev_stage_predictions``."""
+    results = tmp_path / "results"
+    dataset = results / "Dataset998_TinyCascade"
+    nnunet_cascade(dataset, LABELS, low=NnUNetArch(patch=(16, 32, 32), spacing=(10.0, 16.0, 16.0)), full=ARCH,
+                   seed=3)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "case_0000.nii.gz").symlink_to(case.root / "in" / "case_0000.nii.gz")
+    _nnunetv2_predict(tmp_path, results, "998", "3d_lowres", tmp_path / "low")
+    _nnunetv2_predict(tmp_path, results, "998", "3d_cascade_fullres", tmp_path / "out",
+                      "-prev_stage_predictions", str(tmp_path / "low"))
+    judge = nifti_labels(tmp_path / "out" / "case.nii.gz", case.volume)
+    low = nifti_labels(tmp_path / "low" / "case.nii.gz", case.volume)
+    assert (np.bincount(judge.ravel(), minlength=4) > 10_000).sum() >= 2
+    assert int((judge != low).sum()) > 10_000  # the second stage is a model of its own
+
+    model = ModelConfig(kind=SegmenterKind.NNUNET, path=dataset, configuration="3d_cascade_fullres", mirroring=False)
+    segmenter = build_segmenter(model)
+    assert isinstance(segmenter, NnUNetSegmenter) and segmenter.previous is not None
+    labels = segmenter.segment(case.volume)
+    assert np.array_equal(labels.data, judge), int((labels.data != judge).sum())
+
+    shutil.rmtree(dataset / "nnUNetTrainer__nnUNetPlans__3d_lowres")
+    with pytest.raises(PipelineError, match="a cascade stage needs the 3d_lowres model it follows"):
+        build_segmenter(model)

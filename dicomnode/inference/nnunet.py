@@ -17,9 +17,11 @@ predictor gets the array its plans' reader (``image_reader_writer``) would read 
 nnU-Net's own preprocessing (cropping to non-zero, normalisation from the plans, resampling to the
 configuration's spacing), sliding window (Gaussian, ``tile_step``), test-time mirroring and the resampling of
 the logits back to the input grid all run inside nnunetv2; :func:`nnunet_output` undoes the array order, so
-the labels lie on the Volume's grid. Label values and names come from ``dataset.json`` (region-based models are
-refused). Checkpoints are pickles that nnU-Net loads with ``weights_only=False``: only configure model folders
-you trust.
+the labels lie on the Volume's grid. A cascade (``configuration: 3d_cascade_fullres``, whose plans name a
+previous stage) runs its previous stage's model first, from the folder beside it, and gives its labels to the
+full-resolution stage in memory, as ``nnUNetv2_predict -prev_stage_predictions`` does through files. Label
+values and names come from ``dataset.json`` (region-based models are refused). Checkpoints are pickles that
+nnU-Net loads with ``weights_only=False``: only configure model folders you trust.
 """
 
 from __future__ import annotations
@@ -233,12 +235,30 @@ class NnUNetSegmenter:
         if model.configuration is not None and self._configuration(model.configuration) != \
                 self.predictor.configuration_manager.configuration:
             raise ModelLoadError(f"{folder}: the checkpoint is not of configuration {model.configuration!r}")
+        self.previous = self._previous_stage(folder, model, device)
         self.name = str(dataset.get("name") or plans.get("dataset_name") or folder.parent.name)[:64]
         self.version = str(dataset.get("release") or dataset.get("version") or
                            weights_hash(folder / f"fold_{f}" / model.checkpoint for f in folds))
         self.info = ModelInfo(self.name, self.version, SegmenterKind.NNUNET.value, str(folder),
                               {i.value: i.name for i in self._labels}, str(device))
         log.info("nnU-Net model %s %s resident on %s (folds %s)", self.name, self.version, device, ",".join(folds))
+
+    def _previous_stage(self, folder: Path, model: ModelConfig, device: torch.device) -> Any:
+        """For a cascade's full-resolution configuration (its plans name a ``previous_stage``), the predictor of
+        that stage, from its model folder beside this one (``<trainer>__<plans>__<previous stage>``, as
+        nnU-Net trains it), resident too; None otherwise."""
+        previous = self.predictor.configuration_manager.previous_stage_name
+        if previous is None:
+            return None
+        trainer, plans_name, _ = folder.name.split("__")
+        stage = folder.parent / f"{trainer}__{plans_name}__{previous}"
+        if not (stage / "plans.json").is_file():
+            raise ModelLoadError(f"{folder}: a cascade stage needs the {previous} model it follows, expected "
+                                 f"in {stage}")
+        folds = model.folds or available_folds(stage, model.checkpoint)
+        log.info("nnU-Net cascade: %s runs first (folds %s)", previous, ",".join(folds))
+        return make_predictor(stage, folds, model.checkpoint, tile_step=model.tile_step, mirroring=model.mirroring,
+                              device=device)
 
     def _configuration(self, name: str) -> Any:
         try:
@@ -250,7 +270,12 @@ class NnUNetSegmenter:
         """Labels (z, y, x) uint8 on the volume's grid, values as in ``dataset.json``."""
         given = nnunet_input(volume, self._reorient)
         with quiet_stdout("nnUNetPredictor.predict_single_npy_array"):
-            seg = self.predictor.predict_single_npy_array(given.image, given.properties, None, None, False)
+            previous = None
+            if self.previous is not None:  # a cascade: the previous stage's labels, on the input grid, go in too
+                low = self.previous.predict_single_npy_array(given.image, dict(given.properties), None, None, False)
+                previous = np.asarray(low, dtype=np.float32)[None]  # as nnU-Net's readers give a segmentation
+            seg = self.predictor.predict_single_npy_array(given.image, dict(given.properties), previous, None,
+                                                          False)
         data = given.undo(np.asarray(seg)).astype(np.uint8)
         return LabelVolume(data=data, labels=self._labels, algorithm_name=self.name,
                            algorithm_version=self.version)
