@@ -217,7 +217,7 @@ def monai_bundle(folder: Path, labels: dict[int, str], *, seed: int = 0, version
     return folder
 
 
-def totalsegmentator_weights(weights: Path, task: str = "total", *, fast: bool = True,
+def totalsegmentator_weights(weights: Path, task: str = "total", *, fast: bool = True, fastest: bool = False,
                              arch: NnUNetArch | None = None, seed: int = 0) -> list[Path]:
     """Random-weight nnU-Net models in a TotalSegmentator weights folder, under the dataset folder names and
     ``<trainer>__<plans>__<configuration>`` folders TotalSegmentator looks for (its own ``get_task_config`` and
@@ -226,7 +226,7 @@ def totalsegmentator_weights(weights: Path, task: str = "total", *, fast: bool =
     from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS
     from totalsegmentator.python_api import get_task_config
 
-    config = get_task_config(task, fast=fast, quiet=True, plans="nnUNetPlans")
+    config = get_task_config(task, fast=fast, fastest=fastest, quiet=True, plans="nnUNetPlans")
     ids = config["task_id"] if isinstance(config["task_id"], list) else [config["task_id"]]
     resample = config.get("resample") or 1.5
     spacing = tuple(float(s) for s in (resample if isinstance(resample, list) else [resample] * 3))[::-1]

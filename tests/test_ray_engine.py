@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -256,6 +257,16 @@ def test_jobs_spread_over_both_nodes_and_say_where_they_ran(node: tuple[NodeProc
     assert len(pacs.get("/instances")) == 2  # one SEG per series
 
 
+def _replica_segmenting() -> bool:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::Replica.segment"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def test_a_replica_killed_mid_job_makes_a_retryable_attempt_and_the_job_ends_done_once(
         node: tuple[NodeProcess, Orthanc], tmp_path: Path) -> None:
     import ray
@@ -276,7 +287,10 @@ def test_a_replica_killed_mid_job_makes_a_retryable_attempt_and_the_job_ends_don
 
     wait_until(gate_held, 120, "the slow job to hold a replica", interval=0.05)
     slot: int = next(iter(ray.get(ray.get_actor(gates[0]).holders.remote())))
-    time.sleep(0.5)  # inside the inference (thousands of matrix products per patch)
+    # Killed once the call runs inside the replica (Ray titles the actor's process "ray::Replica.segment" while
+    # it executes): a kill before the call arrives would only delay it to the restarted actor, a retry of
+    # nothing. The inference then lasts seconds (thousands of matrix products per patch).
+    wait_until(_replica_segmenting, 120, "the replica to run the slow job", interval=0.02)
     victim = ray.get_actor(gates[0].removesuffix(".gate") + f".replica-{slot}")
     ray.kill(victim, no_restart=False)  # Ray restarts it (max_restarts -1)
     (job,) = _wait_done(running, "slow", 1, timeout=240)
