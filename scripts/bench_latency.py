@@ -46,7 +46,8 @@ def run(work: Path, rule: str, quiet: float, series: list[tuple[str, Path, int]]
                       pipelines=[{"name": "lung", "kind": "segment", "destinations": ["pacs"],
                                   "model": {"kind": "lung"}}],
                       rules=[{"name": "ct", "pipelines": ["lung"]}],
-                      completion={"quiet_seconds": quiet, "on_release": rule})
+                      completion={"quiet_seconds": quiet, "on_release": rule},
+                      worker={"poll_seconds": 0.5})  # the node's default (the tests' configs poll faster)
     node = NodeProcess(work, cfg).start()
     # the steady state of a running node: its worker has imported the pipeline's modules (a fresh node's
     # first series waits for that once; scripts/bench_e2e.py reports that case)

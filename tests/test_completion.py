@@ -225,3 +225,19 @@ def test_late_slices_reopen_the_series_and_supersede_its_outputs(tmp_path: Path)
     finally:
         node.stop()
         pacs.stop()
+
+
+@pytest.mark.peers
+def test_a_release_wakes_an_idle_worker_at_once(tmp_path: Path) -> None:
+    """The receiver rings the workers' bell when a sender releases: an idle worker judges the series then,
+    not at its next poll (here a minute away; the default is half a second, which the bell saves too)."""
+    cfg = node_config(tmp_path, completion={"quiet_seconds": 300, "on_release": "evidence"},
+                      worker={"poll_seconds": 60})
+    node = NodeProcess(tmp_path, cfg).start()
+    try:
+        wait_until(lambda: "worker 0 ready" in node.log(), 120, "worker ready")
+        _send(node, _files("P03"), tmp_path / "send")
+        wait_until(lambda: _series(node)["state"] != "RECEIVING", 15, "the series judged at the release")
+        assert "association released" in _series(node)["reason"]
+    finally:
+        node.stop()

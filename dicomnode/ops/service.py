@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import multiprocessing as mp
+import select
 import signal
 import socket
 import threading
@@ -104,6 +105,37 @@ class _Signals:
         return self.raised or bool(stop.is_set())
 
 
+class Bell:
+    """Wakes idle workers when a receiver records a release (a series may be complete now), instead of at their
+    next poll: a datagram socket pair shared by the supervisor's children. A ring is one datagram (dropped when
+    the buffer is full: it is ringing already); a waiting worker wakes on it and drains it. No lock is shared,
+    so a child killed at any moment (kill -9, the OOM killer) cannot leave the others blocked, as a
+    multiprocessing Event's lock would. One ring may wake one worker; the others find the work at their poll."""
+
+    def __init__(self) -> None:
+        self.read, self.write = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.read.setblocking(False)
+        self.write.setblocking(False)
+
+    def ring(self) -> None:
+        try:
+            self.write.send(b"!")
+        except OSError:
+            pass  # full (already ringing) or closed (stopping)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True when rung within ``timeout`` seconds."""
+        readable, _, _ = select.select([self.read], [], [], timeout)
+        return bool(readable)
+
+    def clear(self) -> None:
+        while True:
+            try:
+                self.read.recv(16)
+            except OSError:  # BlockingIOError once drained
+                return
+
+
 def _child_setup(cfg: Config) -> _Signals:
     from dicomnode.ops.logs import configure_logging  # noqa: PLC0415
     from dicomnode.ops.runtime import configure_libraries  # noqa: PLC0415
@@ -114,11 +146,11 @@ def _child_setup(cfg: Config) -> _Signals:
 
 
 def receiver_main(cfg: Config, index: int, stop: Any, ready: Any = None,
-                  listener: socket.socket | None = None) -> None:
+                  listener: socket.socket | None = None, bell: Bell | None = None) -> None:
     """Entry point of a receiver process: accepts on ``listener`` (the supervisor's) and sets ``ready`` (shared with
     the supervisor) once it does."""
     signals = _child_setup(cfg)
-    ctx = ReceiveContext(cfg, open_spool(cfg), Store(cfg.db_path))
+    ctx = ReceiveContext(cfg, open_spool(cfg), Store(cfg.db_path), on_released=None if bell is None else bell.ring)
     server = start_server(cfg, ctx, listener)
     if ready is not None:
         ready.set()
@@ -128,8 +160,9 @@ def receiver_main(cfg: Config, index: int, stop: Any, ready: Any = None,
     log.info("receiver %d stopped", index)
 
 
-def worker_main(cfg: Config, index: int, stop: Any, ready: Any = None) -> None:
-    """Entry point of a worker process; sets ``ready`` once its pipelines (and model) are loaded."""
+def worker_main(cfg: Config, index: int, stop: Any, ready: Any = None, bell: Bell | None = None) -> None:
+    """Entry point of a worker process; sets ``ready`` once its pipelines (and model) are loaded; an idle worker
+    wakes when ``bell`` (shared with the receivers) rings."""
     signals = _child_setup(cfg)
     local_stop = threading.Event()
 
@@ -137,6 +170,8 @@ def worker_main(cfg: Config, index: int, stop: Any, ready: Any = None) -> None:
         while not signals.wait(stop):
             pass
         local_stop.set()
+        if bell is not None:
+            bell.ring()  # wakes a waiting worker now; it sees the stop and leaves
 
     threading.Thread(target=watch, daemon=True, name="stop-watch").start()
     worker = make_worker(cfg, index)
@@ -147,7 +182,7 @@ def worker_main(cfg: Config, index: int, stop: Any, ready: Any = None) -> None:
         from dicomnode.ops.http import job_hook  # noqa: PLC0415
 
         worker.on_job_done = job_hook(worker.ctx.store)
-    worker.run(local_stop)
+    worker.run(local_stop, bell)
     worker.close()
     log.info("worker %d stopped", index)
 
@@ -241,6 +276,7 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
     """Run the node until SIGTERM/SIGINT. Returns the exit code."""
     spawn = mp.get_context("spawn")
     stop = spawn.Event()
+    bell = Bell()  # receivers ring it when a sender releases; idle workers wake on it
     if cfg.metrics.enabled:
         metrics.prepare_multiprocess(cfg)  # before any child is spawned: they inherit the directory
     listener = listen(cfg)  # before anything else: a port in use is the first error to report
@@ -257,7 +293,7 @@ def serve(cfg: Config, *, ready: Callable[[], None] | None = None) -> int:
         args: tuple[Any, ...] = (cfg, child.index, stop, child.ready)
         if child.target is receiver_main:
             args += (listener,)  # passed to the spawned process as a duplicate of the descriptor
-        child.process = spawn.Process(target=child.target, args=args, name=child.name)
+        child.process = spawn.Process(target=child.target, args=args, kwargs={"bell": bell}, name=child.name)
         child.process.start()
         child.started_at = time.monotonic()
 

@@ -191,6 +191,7 @@ class ReceiveContext:
     spool: Spool
     store: Store
     on_received: Any = None  # optional callback(meta, size, outcome) for metrics
+    on_released: Any = None  # optional callback() once a release is recorded: rings the workers' bell
 
     def new_session(self) -> StoreSession:
         return StoreSession()
@@ -241,6 +242,8 @@ class ReceiveContext:
                  assoc.session.stored, len(series))
         if series:
             self.store.mark_released(sorted(series), now=time.time())
+            if self.on_released is not None:
+                self.on_released()  # idle workers judge these series now, not at their next poll
 
     def aborted(self, assoc: Association[StoreSession]) -> None:
         self._drop_spare(assoc)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from dicomnode.config import Config
 from dicomnode.errors import ConfigError, DicomNodeError, PipelineError
@@ -31,6 +32,14 @@ from dicomnode.state.store import JobRow, JobState, SeriesRow, SeriesState, Stor
 from dicomnode.work.pipeline import PipelineContext, run_job
 
 log = logging.getLogger(__name__)
+
+
+class Bell(Protocol):
+    """What wakes an idle worker when a receiver records a release (:class:`dicomnode.ops.service.Bell`)."""
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+    def clear(self) -> None: ...
 
 
 def _step_clock(now: float) -> Callable[[], float]:
@@ -198,8 +207,10 @@ class Worker:
             except DicomNodeError as exc:
                 log.warning("job %d: could not renew lease: %s", job_id, exc)
 
-    def run(self, stop: threading.Event) -> None:
-        """Loop until ``stop`` is set; sleeps ``worker.poll_seconds`` only when there was nothing to do."""
+    def run(self, stop: threading.Event, bell: Bell | None = None) -> None:
+        """Loop until ``stop`` is set; when there was nothing to do, waits ``worker.poll_seconds`` or until
+        ``bell`` rings (a receiver recorded a release: a series may be complete now). Whoever sets ``stop``
+        rings the bell too."""
         poll = self.ctx.config.worker.poll_seconds
         while not stop.is_set():
             try:
@@ -208,4 +219,8 @@ class Worker:
                 log.error("worker step failed: %s", exc)
                 result = None
             if result is None or result.job_id is None:
-                stop.wait(poll)
+                if bell is None:
+                    stop.wait(poll)
+                else:  # cleared before the next step, which then sees what the ring announced
+                    bell.wait(poll)
+                    bell.clear()
