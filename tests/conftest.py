@@ -35,6 +35,14 @@ def _node_library_settings() -> object:
     yield None
 
 
+@pytest.fixture(scope="module")
+def p03() -> Any:
+    """The small CT series P03 as a Volume, loaded once per test module."""
+    from dicomnode.imaging.volume import load_series_dir
+
+    return load_series_dir(series_dir("P03"))
+
+
 @pytest.fixture
 def scp(tmp_path: Path) -> Iterator[Any]:
     """Makes in-process Storage SCPs (``scp(**node_settings)``) on free ports; all shut down after the test."""

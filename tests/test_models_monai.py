@@ -18,7 +18,7 @@ import torch
 
 from dicomnode.config import ModelConfig, SegmenterKind
 from dicomnode.errors import PipelineError
-from dicomnode.imaging.volume import Volume, load_series_dir
+from dicomnode.imaging.volume import Volume
 from dicomnode.inference.monai_bundle import MonaiBundleSegmenter
 from dicomnode.inference.segmenter import build_segmenter
 from scripts.tiny_models import monai_bundle
@@ -32,11 +32,6 @@ CHANNELS = {1: "liver", 2: "spleen", 3: "kidney_left"}
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return monai_bundle(tmp_path_factory.mktemp("monai") / "bundle", CHANNELS)
-
-
-@pytest.fixture(scope="module")
-def p03() -> Volume:
-    return load_series_dir(series_dir("P03"))
 
 
 def test_node_equals_monai_bundle_run_voxel_for_voxel(bundle: Path, p03: Volume, tmp_path: Path) -> None:

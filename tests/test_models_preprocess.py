@@ -27,17 +27,11 @@ from dicomnode.config import (
 from dicomnode.errors import ConfigError, PipelineError
 from dicomnode.imaging.chain import ChainError, check_chain, run_chain, undo_chain
 from dicomnode.imaging.masks import body_mask
-from dicomnode.imaging.volume import Volume, load_series_dir
+from dicomnode.imaging.volume import Volume
 from dicomnode.inference.loaders import save_torchscript
 from dicomnode.inference.segmenter import build_segmenter
 from dicomnode.inference.spec import prepare_array
-from tests.conftest import series_dir
 from tests.test_inference import SPEC, Pointwise, make_volume
-
-
-@pytest.fixture(scope="module")
-def p03() -> Volume:
-    return load_series_dir(series_dir("P03"))
 
 
 def _one_hot(labels: np.ndarray, classes: int) -> torch.Tensor:

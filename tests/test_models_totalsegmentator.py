@@ -27,7 +27,7 @@ from totalsegmentator.map_to_binary import class_map
 
 from dicomnode.config import ModelConfig, SegmenterKind
 from dicomnode.errors import PipelineError
-from dicomnode.imaging.volume import Volume, load_series_dir
+from dicomnode.imaging.volume import Volume
 from dicomnode.inference.segmenter import build_segmenter
 from dicomnode.inference.totalseg import TotalSegmentatorSegmenter
 from scripts.tiny_models import totalsegmentator_weights
@@ -47,11 +47,6 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("totalseg") / "weights"
     totalsegmentator_weights(folder, "total", fast=True)
     return folder
-
-
-@pytest.fixture(scope="module")
-def p03() -> Volume:
-    return load_series_dir(series_dir("P03"))
 
 
 def _api(nifti: Path, out: Path, weights: Path, home: Path, *, task: str = "total", fast: bool = True) -> None:

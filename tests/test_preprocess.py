@@ -24,13 +24,7 @@ from dicomnode.imaging.preprocess import (
     window_volume,
     zscore,
 )
-from dicomnode.imaging.volume import Volume, load_series_dir
-from tests.conftest import series_dir
-
-
-@pytest.fixture(scope="module")
-def p03() -> Volume:
-    return load_series_dir(series_dir("P03"))
+from dicomnode.imaging.volume import Volume
 
 
 def test_window_presets_and_series_window(p03: Volume) -> None:
